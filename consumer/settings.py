@@ -1,0 +1,86 @@
+"""Typed configuration: a TOML file (`--config` or `CDC_CONFIG`) overlaid by `CDC_*` environment variables.
+
+Environment variables win over the file, so a deployment can keep one file and change a
+setting per instance. Invalid values fail at start with the setting's name and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class ConfigError(RuntimeError):
+    pass
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CDC_", extra="forbid")
+
+    postgres_dsn: str | None = None
+    kafka_bootstrap: str | None = None
+    connect_url: str | None = None
+    schema_registry_url: str | None = None
+    clickhouse_url: str | None = None
+    prometheus_url: str | None = None
+
+    # The consumer (`cdc-consumer run`)
+    group_id: str = "cdc-consumer"
+    topic_prefix: str = "adtech"
+    mapping_file: Path | None = None
+    dlq_topic: str = "cdc-consumer.dlq"
+    clickhouse_embedded_path: Path = Path(".cdc-clickhouse")
+    batch_max_rows: int = Field(50_000, gt=0)
+    batch_max_bytes: int = Field(32 * 2**20, gt=0)
+    batch_max_age_s: float = Field(1.0, gt=0)
+    poll_max_messages: int = Field(10_000, gt=0)
+    metrics_port: int = Field(19108, ge=0, le=65535)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("CDC_CONFIG")
+        if config_file:
+            if not Path(config_file).is_file():
+                raise ConfigError(f"CDC_CONFIG={config_file}: no such file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+
+def load_settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])} (CDC_{str(err['loc'][0]).upper()}): {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+@lru_cache(maxsize=1)
+def _cached() -> Settings:
+    return load_settings()
+
+
+def require(name: str) -> str:
+    value = getattr(_cached(), name)
+    if not value:
+        raise ConfigError(f'CDC_{name.upper()} is not set; for the native stack run: eval "$(cdc-consumer stack env)"')
+    return value

@@ -1,0 +1,559 @@
+"""The parts of the native stack: how each one is configured, started and probed.
+
+Every part binds loopback only, keeps its data under `<state>/data/<part>`, logs to
+`<state>/logs/<part>.log` and is tracked by `<state>/run/<part>.pid`, so `stack down`
+stops exactly what `stack up` started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from consumer.stack import process
+from consumer.stack.install import java_home_for_registry
+from consumer.stack.layout import HOST, REPO_ROOT, StackLayout
+
+log = logging.getLogger(__name__)
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+JAVA17 = Path(os.environ.get("CDC_JAVA_HOME", "/usr/lib/jvm/java-17-openjdk-amd64"))
+SOURCE_DB_USER = "cdc"
+SOURCE_DB_PASSWORD = "cdc"
+
+LOG4J2 = """\
+status = warn
+appender.console.type = Console
+appender.console.name = STDOUT
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.stdout.ref = STDOUT
+logger.kafka.name = kafka
+logger.kafka.level = WARN
+logger.kafkaorg.name = org.apache.kafka
+logger.kafkaorg.level = WARN
+logger.connect.name = org.apache.kafka.connect.runtime.rest
+logger.connect.level = WARN
+logger.debezium.name = io.debezium
+logger.debezium.level = INFO
+"""
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _java(home: Path) -> str:
+    return str(home / "bin" / "java") if (home / "bin" / "java").exists() else "java"
+
+
+@dataclass
+class Component(ABC):
+    layout: StackLayout
+    name: str = ""
+    # Seconds a cold start may take before `stack up` gives up on it.
+    start_timeout: float = 120.0
+
+    @property
+    @abstractmethod
+    def address(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def ports(self) -> list[int]: ...
+
+    @abstractmethod
+    def start(self) -> None: ...
+
+    @abstractmethod
+    def healthy(self) -> bool: ...
+
+    @property
+    def pid(self) -> int | None:
+        return process.read_pid(self.layout.pidfile(self.name))
+
+    def stop(self) -> bool:
+        return process.stop(self.layout.pidfile(self.name))
+
+    def _spawn(
+        self, argv: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None, **identity
+    ) -> None:
+        process.spawn(
+            argv,
+            log_file=self.layout.log(self.name),
+            pid_file=self.layout.pidfile(self.name),
+            cwd=cwd,
+            env=env,
+            **identity,
+        )
+
+    def _log4j2(self) -> Path:
+        path = self.layout.root / "log4j2.properties"
+        path.write_text(LOG4J2)
+        return path
+
+
+def _allow_traverse(directory: Path) -> None:
+    """The `postgres` user must reach its data directory: add search (x) permission for
+    others on every ancestor that lacks it (never read permission)."""
+    for ancestor in [directory, *directory.parents]:
+        mode = ancestor.stat().st_mode
+        if not mode & 0o001:
+            log.warning("adding o+x to %s so the postgres user can reach its data directory", ancestor)
+            ancestor.chmod(mode | 0o001)
+
+
+@dataclass
+class Postgres(Component):
+    """PostgreSQL 15 as its own cluster in the state directory, never the system one."""
+
+    name: str = "postgres"
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.layout.ports.postgres_port}"
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.layout.ports.postgres_port]
+
+    @property
+    def data_dir(self) -> Path:
+        return self.layout.data("postgres")
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.layout.data("postgres-socket")
+
+    @property
+    def os_user(self) -> str | None:
+        # Postgres refuses to run as root; as root we hand the cluster to the `postgres` user.
+        return "postgres" if os.geteuid() == 0 else None
+
+    def _identity(self) -> dict:
+        """Run as the postgres user with its own group only: root's group would make the
+        kernel check directories' group bits instead of the others' bits we rely on."""
+        if not self.os_user:
+            return {}
+        return {"user": self.os_user, "group": pwd.getpwnam(self.os_user).pw_gid, "extra_groups": []}
+
+    def _own(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        if self.os_user:
+            _allow_traverse(path.parent)
+            entry = pwd.getpwnam(self.os_user)
+            shutil.chown(path, entry.pw_uid, entry.pw_gid)
+            path.chmod(0o700)
+
+    def start(self) -> None:
+        self._own(self.socket_dir)
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._own(self.data_dir)
+            subprocess.run(
+                [
+                    str(PG_BIN / "initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    "postgres",
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                    "--encoding=UTF8",
+                    "--locale=C.UTF-8",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                cwd="/",
+                **self._identity(),
+            )
+            with (self.data_dir / "pg_hba.conf").open("a") as hba:
+                hba.write(f"host replication all {HOST}/32 scram-sha-256\n")
+        self._spawn(
+            [
+                str(PG_BIN / "postgres"),
+                "-D",
+                str(self.data_dir),
+                "-c",
+                f"port={self.layout.ports.postgres_port}",
+                "-c",
+                f"listen_addresses={HOST}",
+                "-c",
+                f"unix_socket_directories={self.socket_dir}",
+                # Debezium streams with pgoutput from a logical replication slot.
+                "-c",
+                "wal_level=logical",
+                "-c",
+                "max_replication_slots=10",
+                "-c",
+                "max_wal_senders=10",
+                "-c",
+                "shared_buffers=256MB",
+                "-c",
+                "max_wal_size=2GB",
+            ],
+            cwd=Path("/"),
+            **self._identity(),
+        )
+
+    def healthy(self) -> bool:
+        return (
+            subprocess.run(
+                [
+                    str(PG_BIN / "pg_isready"),
+                    "-q",
+                    "-h",
+                    str(self.socket_dir),
+                    "-p",
+                    str(self.layout.ports.postgres_port),
+                ],
+                check=False,
+            ).returncode
+            == 0
+        )
+
+    def psql(self, sql: str, database: str = "postgres", user: str = "postgres") -> str:
+        return subprocess.run(
+            [
+                str(PG_BIN / "psql"),
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-At",
+                "-h",
+                str(self.socket_dir),
+                "-p",
+                str(self.layout.ports.postgres_port),
+                "-U",
+                user,
+                "-d",
+                database,
+                "-c",
+                sql,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+
+    def provision(self) -> None:
+        """The `cdc` role (owner of the source tables, allowed to replicate) and the schema."""
+        if not self.psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{SOURCE_DB_USER}'").strip():
+            self.psql(f"CREATE ROLE {SOURCE_DB_USER} LOGIN REPLICATION PASSWORD '{SOURCE_DB_PASSWORD}'")
+        if not self.psql("SELECT 1 FROM pg_database WHERE datname = 'adtech'").strip():
+            self.psql(f"CREATE DATABASE adtech OWNER {SOURCE_DB_USER}")
+        schema = (REPO_ROOT / "postgres" / "schema.sql").read_text()
+        self.psql(schema, database="adtech", user=SOURCE_DB_USER)
+
+
+@dataclass
+class Kafka(Component):
+    """Kafka 4 in KRaft mode: one process that is both broker and controller."""
+
+    name: str = "kafka"
+
+    @property
+    def address(self) -> str:
+        return self.layout.kafka_bootstrap
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.layout.ports.kafka_port, self.layout.ports.kafka_controller_port]
+
+    def _properties(self) -> Path:
+        data = self.layout.data("kafka")
+        data.mkdir(parents=True, exist_ok=True)
+        p = self.layout.ports
+        path = data / "server.properties"
+        path.write_text(f"""\
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers={HOST}:{p.kafka_controller_port}
+listeners=PLAINTEXT://{HOST}:{p.kafka_port},CONTROLLER://{HOST}:{p.kafka_controller_port}
+advertised.listeners=PLAINTEXT://{HOST}:{p.kafka_port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+log.dirs={data / "logs"}
+num.partitions=4
+# Topics are created on purpose (Connect's topic.creation, the consumer's DLQ), never by a typo.
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+message.max.bytes=10485760
+""")
+        return path
+
+    def _classpath(self) -> str:
+        return str(self.layout.lib / "kafka" / "*")
+
+    def start(self) -> None:
+        properties = self._properties()
+        if not (self.layout.data("kafka") / "logs" / "meta.properties").exists():
+            subprocess.run(
+                [
+                    _java(JAVA17),
+                    "-cp",
+                    self._classpath(),
+                    f"-Dlog4j2.configurationFile={self._log4j2()}",
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "--standalone",
+                    "-t",
+                    uuid.uuid4().hex[:22],
+                    "-c",
+                    str(properties),
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+        self._spawn(
+            [
+                _java(JAVA17),
+                "-Xms256m",
+                "-Xmx768m",
+                "-XX:+UseG1GC",
+                f"-Dlog4j2.configurationFile={self._log4j2()}",
+                "-cp",
+                self._classpath(),
+                "kafka.Kafka",
+                str(properties),
+            ]
+        )
+
+    def healthy(self) -> bool:
+        if not process.port_open(self.layout.ports.kafka_port):
+            return False
+        from confluent_kafka.admin import AdminClient
+
+        try:
+            metadata = AdminClient({"bootstrap.servers": self.address}).list_topics(timeout=3)
+        except Exception:
+            return False
+        return bool(metadata.brokers)
+
+
+@dataclass
+class KafkaConnect(Component):
+    """A distributed Kafka Connect worker with Debezium and the Avro converter on its plugin path."""
+
+    name: str = "connect"
+    start_timeout: float = 180.0
+
+    @property
+    def address(self) -> str:
+        return self.layout.connect_url
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.layout.ports.connect_port]
+
+    def _properties(self) -> Path:
+        data = self.layout.data("connect")
+        data.mkdir(parents=True, exist_ok=True)
+        path = data / "connect-distributed.properties"
+        path.write_text(f"""\
+bootstrap.servers={self.layout.kafka_bootstrap}
+group.id=cdc-connect
+listeners=http://{HOST}:{self.layout.ports.connect_port}
+rest.advertised.host.name={HOST}
+rest.advertised.port={self.layout.ports.connect_port}
+plugin.path={self.layout.lib / "connect-plugins"}
+key.converter=org.apache.kafka.connect.json.JsonConverter
+value.converter=org.apache.kafka.connect.json.JsonConverter
+config.storage.topic=_connect-configs
+offset.storage.topic=_connect-offsets
+status.storage.topic=_connect-status
+config.storage.replication.factor=1
+offset.storage.replication.factor=1
+status.storage.replication.factor=1
+offset.flush.interval.ms=1000
+# Source offsets commit in the same Kafka transaction as the records (KIP-618): a worker
+# crash neither loses nor re-emits a change, so consumers see each change exactly once.
+exactly.once.source.support=enabled
+# Credentials and addresses reach connector configs as ${{env:...}}, never stored in them.
+config.providers=env
+config.providers.env.class=org.apache.kafka.common.config.provider.EnvVarConfigProvider
+""")
+        return path
+
+    def worker_env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "CDC_SOURCE_DB_HOST": HOST,
+            "CDC_SOURCE_DB_PORT": str(self.layout.ports.postgres_port),
+            "CDC_SOURCE_DB_NAME": "adtech",
+            "CDC_SOURCE_DB_USER": SOURCE_DB_USER,
+            "CDC_SOURCE_DB_PASSWORD": SOURCE_DB_PASSWORD,
+            "CDC_SCHEMA_REGISTRY_URL": self.layout.schema_registry_url,
+        }
+
+    def start(self) -> None:
+        properties = self._properties()
+        self._spawn(
+            [
+                _java(JAVA17),
+                "-Xms256m",
+                "-Xmx1g",
+                "-XX:+UseG1GC",
+                f"-Dlog4j2.configurationFile={self._log4j2()}",
+                "-cp",
+                str(self.layout.lib / "kafka" / "*"),
+                "org.apache.kafka.connect.cli.ConnectDistributed",
+                str(properties),
+            ],
+            env=self.worker_env(),
+        )
+
+    def healthy(self) -> bool:
+        return _http_ok(f"{self.address}/connectors")
+
+
+@dataclass
+class SchemaRegistry(Component):
+    """Apicurio Registry 3 (Confluent-compatible API under /apis/ccompat/v7)."""
+
+    name: str = "registry"
+
+    @property
+    def address(self) -> str:
+        return self.layout.schema_registry_url
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.layout.ports.registry_port, self.layout.ports.registry_management_port]
+
+    def start(self) -> None:
+        data = self.layout.data("registry")
+        data.mkdir(parents=True, exist_ok=True)
+        p = self.layout.ports
+        # H2 in a file rather than in memory: Kafka keeps its topics across `stack down`/`up`,
+        # so the schema ids inside those messages must survive a registry restart too.
+        self._spawn(
+            [
+                _java(java_home_for_registry()),
+                "-Xms128m",
+                "-Xmx512m",
+                f"-Dquarkus.http.host={HOST}",
+                f"-Dquarkus.http.port={p.registry_port}",
+                f"-Dquarkus.management.host={HOST}",
+                f"-Dquarkus.management.port={p.registry_management_port}",
+                f"-Dapicurio.datasource.url=jdbc:h2:file:{data / 'registry'}",
+                "-jar",
+                str(self.layout.lib / "apicurio" / "quarkus-run.jar"),
+            ],
+            cwd=data,
+        )
+
+    def healthy(self) -> bool:
+        return _http_ok(f"{self.address}/subjects")
+
+
+@dataclass
+class ClickHouse(Component):
+    """ClickHouse 26.9 from PyPI's chdb-core, served on HTTP and TCP (see clickhouse_server)."""
+
+    name: str = "clickhouse"
+
+    @property
+    def address(self) -> str:
+        return self.layout.clickhouse_url
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.layout.ports.clickhouse_http_port, self.layout.ports.clickhouse_tcp_port]
+
+    def start(self) -> None:
+        p = self.layout.ports
+        self._spawn(
+            [
+                sys.executable,
+                "-m",
+                "consumer.stack.clickhouse_server",
+                "--data-dir",
+                str(self.layout.data("clickhouse")),
+                "--http-port",
+                str(p.clickhouse_http_port),
+                "--tcp-port",
+                str(p.clickhouse_tcp_port),
+            ]
+        )
+
+    def healthy(self) -> bool:
+        return _http_ok(f"{self.address}/ping")
+
+
+@dataclass
+class Prometheus(Component):
+    """Prometheus from Debian's package, scraping the consumer's /metrics."""
+
+    name: str = "prometheus"
+
+    @property
+    def address(self) -> str:
+        return self.layout.prometheus_url
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.layout.ports.prometheus_port]
+
+    def config_file(self) -> Path:
+        data = self.layout.data("prometheus")
+        data.mkdir(parents=True, exist_ok=True)
+        path = data / "prometheus.yml"
+        rules = REPO_ROOT / "dashboards" / "alerts.yml"
+        rule_files = f"rule_files:\n  - {rules}\n" if rules.exists() else ""
+        path.write_text(f"""\
+global:
+  scrape_interval: 5s
+  evaluation_interval: 5s
+{rule_files}scrape_configs:
+  - job_name: cdc-consumer
+    static_configs:
+      - targets: ["{HOST}:{self.layout.ports.metrics_port}"]
+""")
+        return path
+
+    def start(self) -> None:
+        data = self.layout.data("prometheus")
+        self._spawn(
+            [
+                "/usr/bin/prometheus",
+                f"--config.file={self.config_file()}",
+                f"--storage.tsdb.path={data / 'tsdb'}",
+                f"--web.listen-address={HOST}:{self.layout.ports.prometheus_port}",
+                "--web.enable-lifecycle",
+            ]
+        )
+
+    def healthy(self) -> bool:
+        return _http_ok(f"{self.address}/-/ready")
+
+
+def all_components(layout: StackLayout) -> list[Component]:
+    """In start order: Connect needs Kafka; the connector needs Postgres, Connect and the registry."""
+    return [
+        Postgres(layout),
+        Kafka(layout),
+        SchemaRegistry(layout),
+        ClickHouse(layout),
+        Prometheus(layout),
+        KafkaConnect(layout),
+    ]

@@ -1,0 +1,163 @@
+"""`cdc-consumer stack up | down | status | env`: the whole native stack as one unit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from consumer.stack import process
+from consumer.stack.components import Component, KafkaConnect, Postgres, all_components
+from consumer.stack.install import ensure_installed
+from consumer.stack.layout import REPO_ROOT, StackLayout
+
+log = logging.getLogger(__name__)
+
+CONNECTORS = {
+    "avro": REPO_ROOT / "connectors" / "debezium-postgres.json",
+    "json": REPO_ROOT / "connectors" / "debezium-postgres-json.json",
+}
+
+
+class StackError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    name: str
+    address: str
+    pid: int | None
+    healthy: bool
+    rss_bytes: int
+
+
+def up(layout: StackLayout, connector: str | None = "avro") -> dict[str, float]:
+    """Install what is missing, start what is not running, wait for health, register the connector.
+
+    Idempotent: parts already running and healthy are left alone. Returns seconds per phase.
+    """
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    ensure_installed(layout)
+    timings["install"] = time.monotonic() - started
+
+    components = all_components(layout)
+    for component in components:
+        if component.pid is not None:
+            continue
+        busy = [port for port in component.ports if process.port_open(port)]
+        if busy:
+            raise StackError(
+                f"{component.name}: port(s) {busy} are taken by another process; "
+                f"set CDC_STACK_{component.name.upper()}_PORT (see `stack status`)"
+            )
+        if isinstance(component, KafkaConnect):
+            _wait_healthy(next(c for c in components if c.name == "kafka"))
+        log.info("starting %s on %s", component.name, component.address)
+        component.start()
+    for component in components:
+        _wait_healthy(component)
+        if isinstance(component, Postgres):
+            component.provision()
+    timings["start"] = time.monotonic() - started - timings["install"]
+    if connector:
+        register_connector(layout, CONNECTORS[connector])
+    timings["total"] = time.monotonic() - started
+    return timings
+
+
+def _wait_healthy(component: Component) -> None:
+    def ready() -> bool:
+        if component.pid is None:
+            raise StackError(f"{component.name} exited during start; see {component.layout.log(component.name)}")
+        return component.healthy()
+
+    if not process.wait_until(ready, component.start_timeout, interval=0.5):
+        raise StackError(
+            f"{component.name} not healthy after {component.start_timeout:.0f}s; "
+            f"see {component.layout.log(component.name)}"
+        )
+
+
+def down(layout: StackLayout) -> list[str]:
+    """Stop every part by its PID, in reverse start order; returns the parts that were running."""
+    stopped = []
+    for component in reversed(all_components(layout)):
+        if component.stop():
+            stopped.append(component.name)
+        busy = [port for port in component.ports if process.port_open(port)]
+        if busy:
+            raise StackError(f"{component.name} stopped but port(s) {busy} are still open")
+    return stopped
+
+
+def status(layout: StackLayout) -> list[ComponentStatus]:
+    result = []
+    for component in all_components(layout):
+        pid = component.pid
+        result.append(
+            ComponentStatus(
+                name=component.name,
+                address=component.address,
+                pid=pid,
+                healthy=pid is not None and component.healthy(),
+                rss_bytes=process.rss_bytes(pid) if pid else 0,
+            )
+        )
+    return result
+
+
+def connector_config(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def register_connector(layout: StackLayout, path: Path, timeout: float = 120.0) -> None:
+    """Create or update the connector through Connect's REST API and wait for it and its task to run."""
+    spec = connector_config(path)
+    name = spec["name"]
+    response = requests.put(f"{layout.connect_url}/connectors/{name}/config", json=spec["config"], timeout=30)
+    if response.status_code >= 400:
+        raise StackError(f"Connect rejected connector {name}: {response.status_code} {response.text}")
+    wait_connector_running(layout, name, timeout)
+
+
+def connector_state(layout: StackLayout, name: str) -> dict:
+    response = requests.get(f"{layout.connect_url}/connectors/{name}/status", timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+def wait_connector_running(layout: StackLayout, name: str, timeout: float = 120.0) -> None:
+    last: dict = {}
+
+    def running() -> bool:
+        nonlocal last
+        try:
+            last = connector_state(layout, name)
+        except requests.RequestException:
+            return False
+        tasks = last.get("tasks", [])
+        failed = [t for t in tasks if t.get("state") == "FAILED"]
+        if last.get("connector", {}).get("state") == "FAILED" or failed:
+            raise StackError(f"connector {name} failed: {json.dumps(last)[:2000]}")
+        return (
+            last.get("connector", {}).get("state") == "RUNNING"
+            and bool(tasks)
+            and all(t.get("state") == "RUNNING" for t in tasks)
+        )
+
+    if not process.wait_until(running, timeout, interval=1.0):
+        raise StackError(f"connector {name} not RUNNING after {timeout:.0f}s: {json.dumps(last)[:2000]}")
+
+
+def restart_connect_worker(layout: StackLayout) -> None:
+    """Stop and start the Connect worker (used by tests and operators after config changes)."""
+    worker = KafkaConnect(layout)
+    worker.stop()
+    worker.start()
+    _wait_healthy(worker)
