@@ -111,6 +111,13 @@ def _docker_stack() -> Iterator[StackEndpoints]:
         )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stack_for_marked_tests(request: pytest.FixtureRequest) -> None:
+    """Tests marked `stack` get the stack (and its CDC_* variables) before their own fixtures run."""
+    if any(item.get_closest_marker("stack") for item in request.session.items):
+        request.getfixturevalue("stack")
+
+
 @pytest.fixture
 def native_stack(stack: StackEndpoints) -> StackLayout:
     """For tests that stop and start processes of the stack themselves."""

@@ -253,7 +253,7 @@ class Postgres(Component):
     def provision(self) -> None:
         """The `cdc` role (owner of the source tables, allowed to replicate) and the schema."""
         if not self.psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{SOURCE_DB_USER}'").strip():
-            self.psql(f"CREATE ROLE {SOURCE_DB_USER} LOGIN REPLICATION PASSWORD '{SOURCE_DB_PASSWORD}'")
+            self.psql(f"CREATE ROLE {SOURCE_DB_USER} LOGIN REPLICATION CREATEDB PASSWORD '{SOURCE_DB_PASSWORD}'")
         if not self.psql("SELECT 1 FROM pg_database WHERE datname = 'adtech'").strip():
             self.psql(f"CREATE DATABASE adtech OWNER {SOURCE_DB_USER}")
         schema = (REPO_ROOT / "postgres" / "schema.sql").read_text()

@@ -1,0 +1,72 @@
+"""BATCH stage: rows accumulate per topic-partition until a size or age limit says flush.
+
+A batch also remembers the last offset it consumed, rows or not (a tombstone yields no row
+but must still be committed), and the Postgres commit times of its changes for latency.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from consumer.mapping import TableMapping
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_rows: int = 50_000
+    max_bytes: int = 32 * 2**20
+    max_age_s: float = 1.0
+
+
+@dataclass
+class PartitionBatch:
+    table: TableMapping
+    topic: str
+    partition: int
+    rows: list[tuple] = field(default_factory=list)
+    first_row_offset: int | None = None
+    last_row_offset: int | None = None
+    last_offset: int | None = None
+    bytes: int = 0
+    messages: int = 0
+    started_at: float = 0.0
+    commit_ts_ms: list[int] = field(default_factory=list)
+
+    def add(self, offset: int, rows: list[tuple], size: int, commit_ts_ms: int | None) -> None:
+        if self.messages == 0:
+            self.started_at = time.monotonic()
+        self.messages += 1
+        self.last_offset = offset
+        self.bytes += size
+        if rows:
+            # The Kafka coordinates go into every row: they are the applied watermark.
+            self.rows.extend((*row, self.topic, self.partition, offset) for row in rows)
+            if self.first_row_offset is None:
+                self.first_row_offset = offset
+            self.last_row_offset = offset
+            if commit_ts_ms is not None:
+                self.commit_ts_ms.append(commit_ts_ms)
+
+    def skip(self, offset: int) -> None:
+        """A message already applied (at or below the watermark): only its offset moves on."""
+        if self.messages == 0:
+            self.started_at = time.monotonic()
+        self.messages += 1
+        self.last_offset = offset
+
+    def ready(self, policy: BatchPolicy, now: float | None = None) -> bool:
+        if self.messages == 0:
+            return False
+        if len(self.rows) >= policy.max_rows or self.bytes >= policy.max_bytes:
+            return True
+        return (now if now is not None else time.monotonic()) - self.started_at >= policy.max_age_s
+
+    @property
+    def dedup_token(self) -> str:
+        """Same rows from the same offsets → same token, so a retried insert is dropped by ClickHouse."""
+        return f"{self.topic}:{self.partition}:{self.first_row_offset}-{self.last_row_offset}:{len(self.rows)}"
+
+    @property
+    def column_names(self) -> list[str]:
+        return [*self.table.column_names, "_topic", "_partition", "_offset"]

@@ -1,0 +1,297 @@
+"""MAP stage: a decoded change becomes the ClickHouse rows that apply it.
+
+Knows Debezium's change semantics (ops, before/after images) and the target tables' types;
+knows nothing of Kafka or of how rows reach ClickHouse.
+
+* A dimension change is one row per key with a version that orders changes of that key
+  (`_version`, see `row_version`) and `_is_deleted` for deletes.
+* A fact change is signed rows: +1 for the new image, -1 for the old one. An update writes
+  both, so additive KPI states (sums of `_sign`, of `_sign * cost`) stay exact.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Literal
+
+from consumer.decode import UNCHANGED_TOAST, ChangeEvent
+
+# A column whose new value is "whatever it was": the sink fills in the previous value.
+KEEP_PREVIOUS = UNCHANGED_TOAST
+
+DEFAULT_MAPPING = Path(__file__).with_name("default_mapping.toml")
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+# DateTime64's representable range in ClickHouse.
+DATETIME64_MIN = dt.datetime(1900, 1, 1, tzinfo=dt.UTC)
+DATETIME64_MAX = dt.datetime(2299, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC)
+
+
+class MappingError(Exception):
+    """A change that cannot become rows: dead-lettered with `error_class` and the reason."""
+
+    def __init__(self, error_class: str, message: str):
+        super().__init__(message)
+        self.error_class = error_class
+
+
+Converter = Callable[[Any], Any]
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return int(value)
+
+
+def _decimal_converter(scale: int, precision: int) -> Converter:
+    quantum = Decimal(1).scaleb(-scale)
+    limit = Decimal(10) ** (precision - scale)
+
+    def convert(value: Any) -> Decimal:
+        if isinstance(value, float):
+            raise TypeError(f"float {value!r} for an exact decimal column")
+        number = value if isinstance(value, Decimal) else Decimal(str(value))
+        exact = number.quantize(quantum)
+        if exact != number:
+            raise ValueError(f"{number} has more than {scale} decimal places")
+        if abs(exact) >= limit:
+            raise ValueError(f"{number} exceeds Decimal({precision}, {scale})")
+        return exact
+
+    return convert
+
+
+def _to_datetime(value: Any) -> dt.datetime:
+    if isinstance(value, dt.datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    elif isinstance(value, str):
+        moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        moment = moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        moment = EPOCH + dt.timedelta(microseconds=value)
+    else:
+        raise TypeError(f"expected a timestamp, got {value!r}")
+    moment = moment.astimezone(dt.UTC)
+    if not DATETIME64_MIN <= moment <= DATETIME64_MAX:
+        raise OverflowError(f"{moment.isoformat()} is outside ClickHouse DateTime64's range")
+    return moment
+
+
+def _to_date(value: Any) -> dt.date:
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).date()
+    if isinstance(value, dt.date):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return dt.date(1970, 1, 1) + dt.timedelta(days=value)
+    return dt.date.fromisoformat(str(value))
+
+
+def _to_str(value: Any) -> str:
+    return value if isinstance(value, str) else str(value)
+
+
+def _to_float(value: Any) -> float:
+    return float(value)
+
+
+def _to_bool(value: Any) -> int:
+    return int(bool(value))
+
+
+_WRAPPERS = re.compile(r"^(LowCardinality|Nullable)\((.*)\)$")
+
+
+def converter_for(clickhouse_type: str) -> tuple[Converter, Any]:
+    """A converter from a decoded value to what clickhouse-connect inserts into that type,
+    and the type's zero value (filler for the non-key columns of a delete marker)."""
+    inner = clickhouse_type.strip()
+    nullable = False
+    while match := _WRAPPERS.match(inner):
+        nullable = nullable or match.group(1) == "Nullable"
+        inner = match.group(2).strip()
+    base, zero = _base_converter(inner)
+    if not nullable:
+        return base, zero
+    return (lambda value: None if value is None else base(value)), None
+
+
+def _base_converter(inner: str) -> tuple[Converter, Any]:
+    if match := re.fullmatch(r"Decimal\((\d+),\s*(\d+)\)", inner):
+        return _decimal_converter(scale=int(match.group(2)), precision=int(match.group(1))), Decimal(0)
+    if inner.startswith("DateTime"):
+        return _to_datetime, EPOCH
+    if inner in ("Date", "Date32"):
+        return _to_date, EPOCH.date()
+    if re.fullmatch(r"U?Int\d+", inner):
+        return _to_int, 0
+    if inner.startswith("Float"):
+        return _to_float, 0.0
+    if inner == "Bool":
+        return _to_bool, 0
+    if inner in ("String", "UUID") or inner.startswith("FixedString"):
+        return _to_str, ""
+    raise ValueError(f"unsupported column type {inner!r} in the mapping")
+
+
+@dataclass(frozen=True)
+class ColumnMapping:
+    name: str
+    clickhouse_type: str
+    source: str
+    convert: Converter = field(repr=False, compare=False)
+    zero: Any = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class TableMapping:
+    table: str
+    topic: str
+    role: Literal["dimension", "fact"]
+    key: tuple[str, ...]
+    columns: tuple[ColumnMapping, ...]
+
+    @property
+    def column_names(self) -> list[str]:
+        """Target columns in insert order, bookkeeping columns last."""
+        extra = ["_version", "_is_deleted"] if self.role == "dimension" else ["_sign"]
+        return [c.name for c in self.columns] + extra
+
+
+@dataclass(frozen=True)
+class Mapping:
+    tables: tuple[TableMapping, ...]
+
+    def for_topic(self, topic: str) -> TableMapping | None:
+        return self._by_topic.get(topic)
+
+    @property
+    def topics(self) -> list[str]:
+        return [t.topic for t in self.tables]
+
+    @property
+    def _by_topic(self) -> dict[str, TableMapping]:
+        return {t.topic: t for t in self.tables}
+
+
+def load_mapping(path: Path | None = None, topic_prefix: str = "adtech") -> Mapping:
+    """Read a mapping file; every problem is reported with the table and column it concerns."""
+    path = path or DEFAULT_MAPPING
+    try:
+        document = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"mapping {path}: {exc}") from None
+    tables = []
+    for table, spec in document.get("tables", {}).items():
+        where = f"mapping {path}, table {table}"
+        if spec.get("role") not in ("dimension", "fact"):
+            raise ValueError(f"{where}: role must be 'dimension' or 'fact', not {spec.get('role')!r}")
+        if "topic" not in spec or not spec.get("columns"):
+            raise ValueError(f"{where}: needs `topic` and `columns`")
+        columns = []
+        for name, column in spec["columns"].items():
+            column_type, source = (
+                (column, name) if isinstance(column, str) else (column["type"], column.get("source", name))
+            )
+            try:
+                columns.append(ColumnMapping(name, column_type, source, *converter_for(column_type)))
+            except ValueError as exc:
+                raise ValueError(f"{where}, column {name}: {exc}") from None
+        key = tuple(spec.get("key", ["id"]))
+        missing_key = set(key) - {c.name for c in columns}
+        if missing_key:
+            raise ValueError(f"{where}: key columns {sorted(missing_key)} are not mapped")
+        tables.append(TableMapping(table, spec["topic"].format(prefix=topic_prefix), spec["role"], key, tuple(columns)))
+    topics = [t.topic for t in tables]
+    if len(set(topics)) != len(topics):
+        raise ValueError(f"mapping {path}: a topic is mapped to more than one table")
+    return Mapping(tuple(tables))
+
+
+def row_version(lsn: int | None, tiebreak: int) -> int:
+    """Orders the changes of one key: Postgres' LSN first, the caller's tiebreak (the Kafka
+    offset) second, so a re-snapshot of an unchanged row (same LSN) still never ties."""
+    return ((lsn or 0) << 64) | tiebreak
+
+
+class Mapper:
+    """Turns one change into rows (tuples in `TableMapping.column_names` order)."""
+
+    def __init__(self, mapping: Mapping):
+        self.mapping = mapping
+
+    def rows(self, table: TableMapping, event: ChangeEvent, tiebreak: int) -> list[tuple]:
+        if event.op == "t":
+            raise MappingError("truncate", f"TRUNCATE of {event.table} is not applied (truncate_action=dlq)")
+        if table.role == "dimension":
+            return [self._dimension_row(table, event, tiebreak)]
+        return self._fact_rows(table, event)
+
+    def _dimension_row(self, table: TableMapping, event: ChangeEvent, tiebreak: int) -> tuple:
+        version = row_version(event.lsn, tiebreak)
+        if event.op == "d":
+            if event.before is None:
+                raise MappingError("missing_before_image", f"delete on {event.table} without a before-image")
+            key = set(table.key)
+            values = [self._convert(table, c, event.before) if c.name in key else c.zero for c in table.columns]
+            return (*values, version, 1)
+        if event.after is None:
+            raise MappingError("missing_after_image", f"op {event.op!r} on {event.table} without an after-image")
+        return (*self._image(table, event.after), version, 0)
+
+    def _fact_rows(self, table: TableMapping, event: ChangeEvent) -> list[tuple]:
+        if event.op in ("c", "r"):
+            return [(*self._image(table, _require(event.after, event, "after")), 1)]
+        before = _require(event.before, event, "before")
+        if any(before.get(c.source) is None and c.name not in table.key for c in table.columns):
+            # REPLICA IDENTITY DEFAULT sends only the key: the old row cannot be retracted.
+            raise MappingError(
+                "incomplete_before_image",
+                f"{event.op!r} on fact table {event.table} lacks its full before-image; "
+                "set REPLICA IDENTITY FULL on the source table",
+            )
+        retract = (*self._image(table, before), -1)
+        if event.op == "d":
+            return [retract]
+        return [retract, (*self._image(table, _require(event.after, event, "after")), 1)]
+
+    def _image(self, table: TableMapping, image: dict[str, Any]) -> list[Any]:
+        return [self._convert(table, column, image) for column in table.columns]
+
+    @staticmethod
+    def _convert(table: TableMapping, column: ColumnMapping, image: dict[str, Any]) -> Any:
+        value = image.get(column.source)
+        if value is UNCHANGED_TOAST:
+            if table.role == "fact":
+                raise MappingError(
+                    "unchanged_toast_in_fact",
+                    f"{table.table}.{column.name}: TOAST placeholder in a fact; facts need REPLICA IDENTITY FULL",
+                )
+            return KEEP_PREVIOUS
+        if value is None:
+            if column.source not in image:
+                raise MappingError(
+                    "missing_column",
+                    f"{table.table}.{column.name}: source column {column.source!r} is not in the change event",
+                )
+            if not column.clickhouse_type.startswith("Nullable"):
+                raise MappingError("null_value", f"{table.table}.{column.name}: NULL for a non-Nullable column")
+            return None
+        try:
+            return column.convert(value)
+        except OverflowError as exc:
+            raise MappingError("value_out_of_range", f"{table.table}.{column.name}: {exc}") from None
+        except (TypeError, ValueError, InvalidOperation, ArithmeticError) as exc:
+            raise MappingError("bad_value", f"{table.table}.{column.name} ({column.clickhouse_type}): {exc}") from None
+
+
+def _require(image: dict[str, Any] | None, event: ChangeEvent, side: str) -> dict[str, Any]:
+    if image is None:
+        raise MappingError(f"missing_{side}_image", f"op {event.op!r} on {event.table} without a {side}-image")
+    return image

@@ -1,0 +1,54 @@
+"""Wires the stages of `cdc-consumer run` from the settings."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import start_http_server
+
+from consumer.batch import BatchPolicy
+from consumer.decode import EnvelopeDecoder
+from consumer.dlq import DeadLetterQueue
+from consumer.mapping import load_mapping
+from consumer.migrate import apply_migrations
+from consumer.pipeline import Pipeline, PipelineConfig
+from consumer.registry import SchemaRegistry
+from consumer.settings import ConfigError, Settings
+from consumer.sink import ClickHouseSink, connect
+from consumer.source import KafkaSource, SourceConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_pipeline(settings: Settings) -> Pipeline:
+    if not settings.kafka_bootstrap:
+        raise ConfigError('CDC_KAFKA_BOOTSTRAP is not set (for the native stack: eval "$(cdc-consumer stack env)")')
+    try:
+        mapping = load_mapping(settings.mapping_file, settings.topic_prefix)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    client = connect(settings.clickhouse_url, settings.clickhouse_embedded_path)
+    applied = apply_migrations(client)
+    if applied:
+        log.info("applied ClickHouse migrations: %s", ", ".join(applied))
+    registry = SchemaRegistry(settings.schema_registry_url) if settings.schema_registry_url else None
+    source_config = SourceConfig(bootstrap=settings.kafka_bootstrap, group_id=settings.group_id, topics=mapping.topics)
+    return Pipeline(
+        source_factory=lambda *callbacks: KafkaSource(source_config, *callbacks),
+        decoder=EnvelopeDecoder(registry),
+        mapping=mapping,
+        sink=ClickHouseSink(client),
+        dlq=DeadLetterQueue(settings.kafka_bootstrap, settings.dlq_topic),
+        config=PipelineConfig(
+            batch=BatchPolicy(settings.batch_max_rows, settings.batch_max_bytes, settings.batch_max_age_s),
+            poll_messages=settings.poll_max_messages,
+        ),
+    )
+
+
+def run(settings: Settings) -> None:
+    pipeline = build_pipeline(settings)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="0.0.0.0")
+    log.info("consuming %s as group %s", ", ".join(pipeline.mapping.topics), settings.group_id)
+    pipeline.run()

@@ -1,0 +1,144 @@
+"""SINK stage: rows into ClickHouse, and what ClickHouse already holds.
+
+Knows tables, columns and versions; nothing of Debezium or Kafka beyond the three
+coordinate columns every row carries (`_topic`, `_partition`, `_offset`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+from consumer.mapping import KEEP_PREVIOUS, TableMapping
+
+log = logging.getLogger(__name__)
+
+# Each insert is synchronous and deduplicated by its token: a retried batch is dropped by
+# ClickHouse (with non_replicated_deduplication_window on the table and its MV targets).
+INSERT_SETTINGS = {
+    "async_insert": 0,
+    "insert_deduplicate": 1,
+    "deduplicate_blocks_in_dependent_materialized_views": 1,
+}
+
+
+class UnresolvedPrevious(Exception):
+    """Rows that carry KEEP_PREVIOUS for a key ClickHouse has never seen."""
+
+    def __init__(self, offsets: list[int], table: str):
+        super().__init__(f"{table}: no previous value for unchanged columns (offsets {offsets[:5]}…)")
+        self.offsets = offsets
+
+
+def connect(url: str | None, embedded_path: Path | None = None, database: str | None = None) -> Client:
+    """A client for `CDC_CLICKHOUSE_URL` (http[s]://user:password@host:port/database), or, with no
+    URL, an embedded ClickHouse (chDB) keeping its data in `embedded_path`."""
+    if not url:
+        path = embedded_path or Path(".cdc-clickhouse")
+        path.mkdir(parents=True, exist_ok=True)
+        return clickhouse_connect.get_client(interface="chdb", path=str(path), database=database)
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https"):
+        raise ValueError(f"CDC_CLICKHOUSE_URL must be http(s)://host:port[/database], not {url!r}")
+    options = {
+        "host": parsed.hostname,
+        "port": parsed.port or (8443 if parsed.scheme == "https" else 8123),
+        "username": unquote(parsed.username or "default"),
+        "password": unquote(parsed.password or ""),
+        "secure": parsed.scheme == "https",
+        "connect_timeout": 10,
+        "send_receive_timeout": 120,
+        "autogenerate_session_id": False,
+    }
+    database = database or parsed.path.strip("/") or None
+    if database:
+        # The consumer owns its database: create it on first start, like its tables.
+        clickhouse_connect.get_client(**options).command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+    return clickhouse_connect.get_client(**options, database=database)
+
+
+class ClickHouseSink:
+    def __init__(self, client: Client):
+        self.client = client
+
+    def applied_offsets(self, table: str, topic: str) -> dict[int, int]:
+        """partition → highest Kafka offset whose rows are in `table` (the applied watermark)."""
+        result = self.client.query(
+            f"SELECT _partition, max(_offset) FROM {table} WHERE _topic = {{topic:String}} GROUP BY _partition",
+            parameters={"topic": topic},
+        )
+        return {int(p): int(o) for p, o in result.result_rows}
+
+    def insert(self, table: TableMapping, column_names: list[str], rows: list[tuple], token: str) -> None:
+        if table.role == "dimension":
+            rows = self._fill_previous(table, column_names, rows)
+        self.client.insert(
+            table.table,
+            rows,
+            column_names=column_names,
+            settings={**INSERT_SETTINGS, "insert_deduplication_token": token},
+        )
+
+    def _fill_previous(self, table: TableMapping, column_names: list[str], rows: list[tuple]) -> list[tuple]:
+        """Replace KEEP_PREVIOUS by the column's latest value: from earlier rows of this batch,
+        else from ClickHouse. Dimension batches are small, so one query per batch is cheap."""
+        if not any(value is KEEP_PREVIOUS for row in rows for value in row):
+            return rows
+        key_index = [column_names.index(k) for k in table.key]
+        deleted_index = column_names.index("_is_deleted")
+        offset_index = column_names.index("_offset")
+        pending_keys = {tuple(row[i] for i in key_index) for row in rows if any(v is KEEP_PREVIOUS for v in row)}
+        stored = self._latest_rows(table, column_names, pending_keys)
+        latest: dict[tuple, tuple] = dict(stored)
+        resolved: list[tuple] = []
+        unresolved: list[int] = []
+        for row in rows:
+            key = tuple(row[i] for i in key_index)
+            if any(v is KEEP_PREVIOUS for v in row):
+                previous = latest.get(key)
+                if previous is None:
+                    unresolved.append(row[offset_index])
+                    continue
+                row = tuple(previous[i] if v is KEEP_PREVIOUS else v for i, v in enumerate(row))
+            if row[deleted_index]:
+                latest.pop(key, None)
+            else:
+                latest[key] = row
+            resolved.append(row)
+        if unresolved:
+            raise UnresolvedPrevious(unresolved, table.table)
+        return resolved
+
+    def _latest_rows(self, table: TableMapping, column_names: list[str], keys: set[tuple]) -> dict[tuple, tuple]:
+        if not keys:
+            return {}
+        value_columns = [c for c in column_names if c not in table.key]
+        key_list = ", ".join(table.key)
+        selected = ", ".join([*table.key, *(f"argMax({c}, _version)" for c in value_columns)])
+        if len(table.key) == 1:
+            # ClickHouse has no 1-tuples: a single-column key is compared as a plain array.
+            condition = f"{key_list} IN {{keys:Array({_key_types(table)})}}"
+            parameters = {"keys": [k[0] for k in keys]}
+        else:
+            condition = f"({key_list}) IN {{keys:Array(Tuple({_key_types(table)}))}}"
+            parameters = {"keys": [tuple(k) for k in keys]}
+        result = self.client.query(
+            f"SELECT {selected} FROM {table.table} WHERE {condition} AND _is_deleted = 0 GROUP BY {key_list}",
+            parameters=parameters,
+        )
+        latest = {}
+        for record in result.result_rows:
+            by_name: dict[str, Any] = dict(zip([*table.key, *value_columns], record, strict=True))
+            key = tuple(by_name[k] for k in table.key)
+            latest[key] = tuple(by_name[c] for c in column_names)
+        return latest
+
+
+def _key_types(table: TableMapping) -> str:
+    types = {c.name: c.clickhouse_type for c in table.columns}
+    return ", ".join(types[k] for k in table.key)

@@ -1,0 +1,120 @@
+"""SOURCE stage: a Kafka consumer-group member that never commits on its own.
+
+Offsets are committed only through `commit`, by the pipeline, after ClickHouse holds the
+rows. Rebalance callbacks hand the pipeline the partitions it gains and loses, so it can
+flush and commit before a partition goes to another member.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+log = logging.getLogger(__name__)
+
+Partition = tuple[str, int]
+REBALANCE_ERRORS = {
+    KafkaError.ILLEGAL_GENERATION,
+    KafkaError.REBALANCE_IN_PROGRESS,
+    KafkaError.UNKNOWN_MEMBER_ID,
+    KafkaError._ASSIGNMENT_LOST,
+    KafkaError._STATE,
+}
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    bootstrap: str
+    group_id: str
+    topics: list[str]
+    client_id: str = "cdc-consumer"
+    session_timeout_ms: int = 45_000
+    max_poll_interval_ms: int = 300_000
+    auto_offset_reset: str = "earliest"
+    extra: tuple[tuple[str, str], ...] = ()
+
+
+class KafkaSource:
+    def __init__(
+        self,
+        config: SourceConfig,
+        on_assign: Callable[[list[Partition]], None],
+        on_revoke: Callable[[list[Partition]], None],
+        on_lost: Callable[[list[Partition]], None],
+    ):
+        self.config = config
+        self._on_assign = on_assign
+        self._on_revoke = on_revoke
+        self._on_lost = on_lost
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": config.bootstrap,
+                "group.id": config.group_id,
+                "client.id": config.client_id,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": config.auto_offset_reset,
+                # Debezium with exactly-once source support writes in transactions: read only committed ones.
+                "isolation.level": "read_committed",
+                "partition.assignment.strategy": "cooperative-sticky",
+                "session.timeout.ms": config.session_timeout_ms,
+                "max.poll.interval.ms": config.max_poll_interval_ms,
+                "enable.partition.eof": False,
+                **dict(config.extra),
+            }
+        )
+
+    def start(self) -> None:
+        self.consumer.subscribe(
+            self.config.topics,
+            on_assign=lambda _c, parts: self._on_assign([(p.topic, p.partition) for p in parts]),
+            on_revoke=lambda _c, parts: self._on_revoke([(p.topic, p.partition) for p in parts]),
+            on_lost=lambda _c, parts: self._on_lost([(p.topic, p.partition) for p in parts]),
+        )
+
+    def poll(self, max_messages: int, timeout: float) -> list[Message]:
+        messages = self.consumer.consume(max_messages, timeout=timeout)
+        good = []
+        for message in messages:
+            error = message.error()
+            if error is None:
+                good.append(message)
+            elif error.fatal():
+                raise KafkaException(error)
+            elif error.code() != KafkaError._PARTITION_EOF:
+                log.warning("Kafka: %s", error)
+        return good
+
+    def commit(self, offsets: dict[Partition, int]) -> None:
+        """Synchronously commit `next offset to read` per partition."""
+        if offsets:
+            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False)
+
+    def position(self, partition: Partition) -> int | None:
+        """Next offset the consumer will return; past transaction markers, unlike last offset + 1."""
+        (tp,) = self.consumer.position([TopicPartition(*partition)])
+        return None if tp.offset < 0 else tp.offset
+
+    def committed(self, partitions: list[Partition]) -> dict[Partition, int | None]:
+        result = self.consumer.committed([TopicPartition(t, p) for t, p in partitions], timeout=30)
+        return {(tp.topic, tp.partition): (None if tp.offset == OFFSET_INVALID else tp.offset) for tp in result}
+
+    def seek(self, partition: Partition, offset: int) -> None:
+        self.consumer.seek(TopicPartition(partition[0], partition[1], offset))
+
+    def pause(self, partitions: list[Partition]) -> None:
+        if partitions:
+            self.consumer.pause([TopicPartition(t, p) for t, p in partitions])
+
+    def resume(self, partitions: list[Partition]) -> None:
+        if partitions:
+            self.consumer.resume([TopicPartition(t, p) for t, p in partitions])
+
+    def close(self) -> None:
+        try:
+            self.consumer.close()
+        except KafkaException as exc:
+            log.warning("closing the consumer: %s", exc)
