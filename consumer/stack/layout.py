@@ -41,8 +41,12 @@ class StackLayout:
 
     @classmethod
     def from_env(cls) -> StackLayout:
+        """`CDC_STACK_DIR` and per-port variables; `CDC_STACK_PORT_OFFSET` shifts every default
+        port at once, so a second stack (a colleague's, a test's) runs beside the first."""
         root = Path(os.environ.get("CDC_STACK_DIR", ".stack")).resolve()
-        return cls(root=root, ports=StackPorts())
+        offset = int(os.environ.get("CDC_STACK_PORT_OFFSET", "0"))
+        shifted = {name: field.default + offset for name, field in StackPorts.model_fields.items()}
+        return cls(root=root, ports=StackPorts(**{**shifted, **StackPorts().model_dump(exclude_defaults=True)}))
 
     @property
     def lib(self) -> Path:
