@@ -33,13 +33,13 @@ class RawMessage:
 
 
 @contextmanager
-def throwaway_connector(connect_url: str, postgres_dsn: str, variant: str = "avro") -> Iterator[str]:
+def throwaway_connector(connect_url: str, postgres_dsn: str, variant: str = "avro", **overrides: str) -> Iterator[str]:
     """Register a copy of the shipped connector config under a fresh topic prefix, slot and
     publication, so the test sees its own snapshot and stream; yields the topic prefix."""
     prefix = f"t{uuid.uuid4().hex[:10]}"
     name_file = "debezium-postgres.json" if variant == "avro" else "debezium-postgres-json.json"
     spec = json.loads((REPO_ROOT / "connectors" / name_file).read_text())
-    config = {**spec["config"], "topic.prefix": prefix, "slot.name": prefix, "publication.name": prefix}
+    config = {**spec["config"], "topic.prefix": prefix, "slot.name": prefix, "publication.name": prefix, **overrides}
     response = requests.put(f"{connect_url}/connectors/{prefix}/config", json=config, timeout=30)
     assert response.status_code < 400, response.text
     try:

@@ -85,14 +85,17 @@ def _wait_healthy(component: Component) -> None:
 
 
 def down(layout: StackLayout) -> list[str]:
-    """Stop every part by its PID, in reverse start order; returns the parts that were running."""
-    stopped = []
+    """Stop every part by its PID, in reverse start order; returns the parts that were running.
+    Every part is stopped even if an earlier one misbehaves; problems are raised at the end."""
+    stopped, problems = [], []
     for component in reversed(all_components(layout)):
         if component.stop():
             stopped.append(component.name)
-        busy = [port for port in component.ports if process.port_open(port)]
-        if busy:
-            raise StackError(f"{component.name} stopped but port(s) {busy} are still open")
+        if not process.wait_until(lambda c=component: not any(process.port_open(p) for p in c.ports), 15):
+            busy = [port for port in component.ports if process.port_open(port)]
+            problems.append(f"{component.name} stopped but port(s) {busy} are still open")
+    if problems:
+        raise StackError("; ".join(problems))
     return stopped
 
 

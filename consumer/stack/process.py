@@ -58,12 +58,20 @@ def is_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # A zombie (exited child not yet reaped) still answers kill(0).
+    # An exited child not yet reaped is a zombie; but a leader thread that exited while other
+    # threads still run shows "Z" too, so the process is gone only when every thread is.
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
         return False
-    return state != "Z"
+    for task in tasks:
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            continue
+        if state != "Z":
+            return True
+    return False
 
 
 def stop(pid_file: Path, timeout: float = 30.0) -> bool:

@@ -1,0 +1,195 @@
+"""Serve a real ClickHouse (HTTP + native TCP) out of the PyPI package ``chdb-core``.
+
+Why this exists: the native stack needs a ClickHouse server that clickhouse-connect can talk to,
+without Docker and without downloading a ClickHouse binary. ``chdb-core`` ships the whole
+ClickHouse engine (clickhouse-local 26.9.2.1) inside a Python wheel, and that clickhouse-local
+contains the HTTP and native TCP handlers of clickhouse-server; they are merely not started by
+default. This module starts them and then keeps the process alive.
+Users with a real ClickHouse ignore this file and point CDC_CLICKHOUSE_URL at their server.
+
+Usage (the stack manager runs it in the background and records its PID)::
+
+    python -m consumer.stack.clickhouse_server --data-dir DIR --http-port 18123 --tcp-port 19000
+
+Readiness: poll ``GET http://127.0.0.1:HTTP_PORT/ping`` until it answers ``Ok.``;
+:func:`wait_healthy` does exactly that.
+
+Stopping: SIGTERM/SIGINT end the process at once (see :func:`_serve`). That is safe because
+ClickHouse commits every insert as an immutable part that is fully written before it is renamed
+into place, so the death of the process (even SIGKILL) never loses an acknowledged insert; only an
+OS crash could, as with any ClickHouse that does not fsync parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+# clickhouse-local reads ``config.xml`` from the current working directory, and chdb's
+# ``_chdb.query()`` has no way to name another file (its ``path`` is taken literally: a
+# ``?config-file=...`` suffix just becomes part of the directory name). So the launcher writes
+# this file into the data dir and chdirs there. Every path ClickHouse may write to is pinned
+# inside the data dir, so the whole server state lives (and is deleted) in one place.
+_CONFIG_TEMPLATE = """\
+<clickhouse>
+    <!-- Loopback by default: this server has a passwordless "default" user. -->
+    <listen_host>{listen_host}</listen_host>
+    <http_port>{http_port}</http_port>
+    <tcp_port>{tcp_port}</tcp_port>
+
+    <path>{data_dir}/</path>
+    <tmp_path>{data_dir}/tmp/</tmp_path>
+    <user_files_path>{data_dir}/user_files/</user_files_path>
+
+    <!-- Under chdb (checked with chdb-core 26.9.0) clickhouse-local's logger stays silent while
+         it serves, so these files stay (nearly) empty; startup errors (port in use, data dir
+         locked) go to stderr. The section only keeps whatever is logged inside the data dir. -->
+    <logger>
+        <level>information</level>
+        <log>{data_dir}/logs/clickhouse-server.log</log>
+        <errorlog>{data_dir}/logs/clickhouse-server.err.log</errorlog>
+        <size>100M</size>
+        <count>3</count>
+    </logger>
+</clickhouse>
+"""
+
+# Run inside clickhouse-local in ONE call: the two SYSTEM statements start the network handlers
+# from config.xml; the last statement is a query that never finishes (one row per second out of
+# 10^12 rows, i.e. ~30,000 years), which keeps clickhouse-local, and with it the listeners,
+# alive. max_block_size=1 makes sleepEachRow sleep per 1-row block, and
+# function_sleep_max_microseconds_per_block=0 lifts the 3 s cap on sleeping per block.
+# FORMAT Null: nothing is ever sent to our stdout.
+# Side effect: this query is visible in system.processes; `KILL QUERY` on it stops the server.
+_SERVE_SQL = """
+SYSTEM START LISTEN HTTP;
+SYSTEM START LISTEN TCP;
+SELECT sleepEachRow(1) FROM numbers(1000000000000)
+SETTINGS max_block_size = 1, function_sleep_max_microseconds_per_block = 0
+FORMAT Null
+"""
+
+
+def write_config(data_dir: Path, http_port: int, tcp_port: int, listen_host: str = "127.0.0.1") -> Path:
+    """Create the data dir layout and write ``config.xml`` into it; return the config path."""
+    for sub in ("", "tmp", "user_files", "logs"):
+        (data_dir / sub).mkdir(parents=True, exist_ok=True)
+    config = data_dir / "config.xml"
+    config.write_text(
+        _CONFIG_TEMPLATE.format(
+            listen_host=escape(listen_host),
+            http_port=int(http_port),
+            tcp_port=int(tcp_port),
+            data_dir=escape(str(data_dir)),
+        )
+    )
+    return config
+
+
+def _refuse_if_running(data_dir: Path) -> None:
+    """Exit early if a ClickHouse already serves ``data_dir``.
+
+    ClickHouse holds an flock() on ``DIR/status`` while it runs and would refuse to start anyway,
+    but only after we had overwritten the live server's config.xml with our ports.
+    """
+    status = data_dir / "status"
+    if not status.exists():
+        return
+    with status.open("rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when f is closed
+        except BlockingIOError:
+            sys.exit(f"clickhouse_server: {data_dir} is in use by another ClickHouse:\n{status.read_text()}")
+
+
+def _serve(data_dir: Path) -> None:
+    """Run ClickHouse; returns only if it could not start or stopped serving."""
+    # Import chdb BEFORE chdir: `import chdb` starts and stops a throw-away in-memory engine to
+    # read its version, and in the data dir that probe would already read our config.xml (and
+    # open its log files).
+    from chdb import _chdb
+
+    os.chdir(data_dir)
+
+    # The query below blocks this (main) thread inside C++ forever, so a Python signal handler
+    # would never get to run. Use the default actions instead: SIGTERM and SIGINT terminate the
+    # process immediately. That is safe (see module docstring), and there is no way to shut
+    # clickhouse-local down "gracefully" from here anyway, because its only query never returns.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    # The low-level _chdb.query runs clickhouse-local over `path` (the same directory as <path>
+    # in config.xml). Not chdb.connect(): its sessions cannot start listeners
+    # ("start_servers_callback is not set").
+    _chdb.query(_SERVE_SQL, "TabSeparated", path=str(data_dir))
+    # Only reached if a listener failed to start (port in use, data dir locked) or someone ran
+    # KILL QUERY on the keep-alive query. clickhouse-local has then already printed the error to
+    # stderr (the returned result does not carry it), and the server is gone.
+
+
+def wait_healthy(http_port: int, timeout: float = 60.0, host: str = "127.0.0.1", pid: int | None = None) -> float:
+    """Poll ``GET /ping`` until it answers ``Ok.``; return the seconds waited.
+
+    If ``pid`` (the launcher's) is given, fail fast with ``RuntimeError`` once it has exited.
+    Raises ``TimeoutError`` after ``timeout`` seconds.
+    """
+    start = time.monotonic()
+    url = f"http://{host}:{http_port}/ping"
+    # No proxies: an http_proxy in the environment must not intercept a loopback health check.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    while True:
+        try:
+            with opener.open(url, timeout=2) as resp:
+                if resp.read().strip() == b"Ok.":
+                    return time.monotonic() - start
+        except (urllib.error.URLError, OSError):
+            pass
+        if pid is not None and not _alive(pid):
+            raise RuntimeError(f"ClickHouse process {pid} exited before {url} answered")
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"{url} did not answer 'Ok.' within {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    # /proc rather than os.kill(pid, 0): an exited child that its parent has not reaped yet is a
+    # zombie, which kill() still "finds".
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--http-port", required=True, type=int)
+    parser.add_argument("--tcp-port", required=True, type=int)
+    parser.add_argument("--listen-host", default="127.0.0.1")
+    args = parser.parse_args(argv)
+
+    # Absolute path: config.xml must not depend on the cwd, which _serve changes.
+    data_dir = args.data_dir.expanduser().resolve()
+    _refuse_if_running(data_dir)
+    config = write_config(data_dir, args.http_port, args.tcp_port, args.listen_host)
+    print(
+        f"clickhouse_server pid={os.getpid()} config={config} "
+        f"http={args.listen_host}:{args.http_port} tcp={args.listen_host}:{args.tcp_port}",
+        flush=True,
+    )
+    _serve(data_dir)
+    print("clickhouse_server: ClickHouse stopped serving (see the error above)", file=sys.stderr, flush=True)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
