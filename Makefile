@@ -10,8 +10,7 @@ bootstrap:
 
 demo: bootstrap
 	$(VENV)/cdc-consumer stack up
-	$(VENV)/cdc-consumer generate --rate 2000 --duration 30 --seed 1
-	$(VENV)/cdc-consumer topics
+	eval "$$($(VENV)/cdc-consumer stack env)" && $(VENV)/cdc-consumer demo --rate 2000 --duration 60
 
 lint: bootstrap
 	$(VENV)/ruff check .

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -132,6 +133,16 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from consumer.demo import run_demo
+    from consumer.settings import load_settings, require
+
+    for name in ("postgres_dsn", "kafka_bootstrap", "clickhouse_url"):
+        require(name)
+    ok = run_demo(load_settings(), args.rate, args.duration, args.seed, Path(args.log))
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdc-consumer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -158,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="consume the change topics into ClickHouse (the service)")
     run.set_defaults(func=_run)
+
+    demo = sub.add_parser("demo", help="traffic, the consumer and a live view of KPIs and lag, then verify")
+    demo.add_argument("--rate", type=float, default=2000.0, help="change events per second")
+    demo.add_argument("--duration", type=float, default=60.0, help="seconds of traffic")
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--log", default=".stack/logs/consumer-demo.log", help="the consumer's log file")
+    demo.set_defaults(func=_demo)
 
     migrate = sub.add_parser("migrate", help="apply the ClickHouse schema migrations")
     migrate.set_defaults(func=_migrate)

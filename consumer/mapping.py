@@ -12,10 +12,11 @@ knows nothing of Kafka or of how rows reach ClickHouse.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,8 @@ from consumer.decode import UNCHANGED_TOAST, ChangeEvent
 
 # A column whose new value is "whatever it was": the sink fills in the previous value.
 KEEP_PREVIOUS = UNCHANGED_TOAST
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAPPING = Path(__file__).with_name("default_mapping.toml")
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -156,6 +159,16 @@ class TableMapping:
     role: Literal["dimension", "fact"]
     key: tuple[str, ...]
     columns: tuple[ColumnMapping, ...]
+    # What to do with source columns the mapping does not name: "ignore" them (logged once), or
+    # "add" them to the ClickHouse table as Nullable columns of the type their values have.
+    extra_columns: Literal["ignore", "add"] = "ignore"
+
+    @property
+    def sources(self) -> set[str]:
+        return {c.source for c in self.columns}
+
+    def with_columns(self, added: list[ColumnMapping]) -> TableMapping:
+        return replace(self, columns=self.columns + tuple(added))
 
     @property
     def column_names(self) -> list[str]:
@@ -178,6 +191,9 @@ class Mapping:
     @property
     def _by_topic(self) -> dict[str, TableMapping]:
         return {t.topic: t for t in self.tables}
+
+    def replaced(self, table: TableMapping) -> Mapping:
+        return Mapping(tuple(table if t.table == table.table else t for t in self.tables))
 
 
 def load_mapping(path: Path | None = None, topic_prefix: str = "adtech") -> Mapping:
@@ -207,7 +223,11 @@ def load_mapping(path: Path | None = None, topic_prefix: str = "adtech") -> Mapp
         missing_key = set(key) - {c.name for c in columns}
         if missing_key:
             raise ValueError(f"{where}: key columns {sorted(missing_key)} are not mapped")
-        tables.append(TableMapping(table, spec["topic"].format(prefix=topic_prefix), spec["role"], key, tuple(columns)))
+        extra = spec.get("extra_columns", "ignore")
+        if extra not in ("ignore", "add"):
+            raise ValueError(f"{where}: extra_columns must be 'ignore' or 'add', not {extra!r}")
+        topic = spec["topic"].format(prefix=topic_prefix)
+        tables.append(TableMapping(table, topic, spec["role"], key, tuple(columns), extra))
     topics = [t.topic for t in tables]
     if len(set(topics)) != len(topics):
         raise ValueError(f"mapping {path}: a topic is mapped to more than one table")
@@ -220,18 +240,73 @@ def row_version(lsn: int | None, tiebreak: int) -> int:
     return ((lsn or 0) << 64) | tiebreak
 
 
+class NewColumns(Exception):
+    """The source table gained columns that the mapping adds to ClickHouse (extra_columns="add")."""
+
+    def __init__(self, table: TableMapping, columns: list[ColumnMapping]):
+        super().__init__(f"{table.table}: new columns {[c.name for c in columns]}")
+        self.table = table
+        self.columns = columns
+
+
+def infer_column(name: str, value: Any) -> ColumnMapping | None:
+    """A Nullable ClickHouse column for a new source column, from a decoded value's type."""
+    if isinstance(value, bool):
+        inner = "Bool"
+    elif isinstance(value, int):
+        inner = "Int64"
+    elif isinstance(value, float):
+        inner = "Float64"
+    elif isinstance(value, Decimal):
+        inner = f"Decimal(38, {max(0, -int(value.as_tuple().exponent))})"
+    elif isinstance(value, dt.datetime):
+        inner = "DateTime64(6, 'UTC')"
+    elif isinstance(value, dt.date):
+        inner = "Date32"
+    elif isinstance(value, str):
+        inner = "String"
+    else:
+        return None
+    clickhouse_type = f"Nullable({inner})"
+    return ColumnMapping(name, clickhouse_type, name, *converter_for(clickhouse_type))
+
+
 class Mapper:
     """Turns one change into rows (tuples in `TableMapping.column_names` order)."""
 
-    def __init__(self, mapping: Mapping):
+    def __init__(self, mapping: Mapping, truncate_action: Literal["dlq", "skip"] = "dlq"):
         self.mapping = mapping
+        self.truncate_action = truncate_action
+        self._ignored: set[tuple[str, str]] = set()
 
     def rows(self, table: TableMapping, event: ChangeEvent, tiebreak: int) -> list[tuple]:
         if event.op == "t":
+            if self.truncate_action == "skip":
+                log.warning("TRUNCATE of %s skipped (truncate_action=skip)", event.table)
+                return []
             raise MappingError("truncate", f"TRUNCATE of {event.table} is not applied (truncate_action=dlq)")
+        if event.after:
+            self._check_new_columns(table, event.after)
         if table.role == "dimension":
             return [self._dimension_row(table, event, tiebreak)]
         return self._fact_rows(table, event)
+
+    def _check_new_columns(self, table: TableMapping, image: dict[str, Any]) -> None:
+        unknown = image.keys() - table.sources
+        if not unknown:
+            return
+        added = []
+        for name in sorted(unknown):
+            if (table.table, name) in self._ignored:
+                continue
+            column = infer_column(name, image[name]) if table.extra_columns == "add" else None
+            if column is not None:
+                added.append(column)
+            elif table.extra_columns == "ignore" or image[name] not in (None, UNCHANGED_TOAST):
+                log.info("%s: source column %r is not mapped; ignored", table.table, name)
+                self._ignored.add((table.table, name))
+        if added:
+            raise NewColumns(table, added)
 
     def _dimension_row(self, table: TableMapping, event: ChangeEvent, tiebreak: int) -> tuple:
         version = row_version(event.lsn, tiebreak)

@@ -15,6 +15,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 from confluent_kafka import Message
 
@@ -22,8 +23,8 @@ from consumer import metrics
 from consumer.batch import BatchPolicy, PartitionBatch
 from consumer.decode import DecodeError, EnvelopeDecoder, RegistryUnavailable
 from consumer.dlq import DeadLetterQueue
-from consumer.mapping import Mapper, Mapping, MappingError
-from consumer.sink import ClickHouseSink, UnresolvedPrevious
+from consumer.mapping import Mapper, Mapping, MappingError, NewColumns, TableMapping
+from consumer.sink import AppliedOffsets, ClickHouseSink, UnresolvedPrevious
 from consumer.source import KafkaSource, Partition
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ class PartitionState:
     retry_at: float = 0.0
     failures: int = 0
     committed: int = -1
+    # Bounded runs (replay): offsets inside the range whose rows ClickHouse already holds.
+    applied: AppliedOffsets = field(default_factory=AppliedOffsets)
 
 
 @dataclass
@@ -49,6 +52,7 @@ class PipelineConfig:
     poll_timeout_s: float = 0.2
     retry_base_s: float = 0.5
     retry_max_s: float = 30.0
+    truncate_action: Literal["dlq", "skip"] = "dlq"
 
 
 class Pipeline:
@@ -61,17 +65,26 @@ class Pipeline:
         sink: ClickHouseSink,
         dlq: DeadLetterQueue,
         config: PipelineConfig | None = None,
+        bounds: dict[Partition, range] | None = None,
     ):
         self.decoder = decoder
         self.mapping = mapping
-        self.mapper = Mapper(mapping)
         self.sink = sink
         self.dlq = dlq
         self.config = config or PipelineConfig()
+        self.mapper = Mapper(mapping, self.config.truncate_action)
         self.partitions: dict[Partition, PartitionState] = {}
         self.paused: set[Partition] = set()
         self.inserts = 0
         self.stopping = False
+        # A bounded run (`cdc-consumer replay`) applies only offsets in bounds[partition], never
+        # commits past a bound, and stops once every bounded partition committed its bound.
+        # Partitions without a bound are not read at all. None: the unbounded service.
+        self.bounds = bounds
+        self.finished: set[Partition] = set()
+        self.token_suffix = ""  # replays insert with dedup tokens of their own (see replay.py)
+        self.on_step = None  # called after every step (replay's progress bar)
+        self.last_step = time.monotonic()  # for the liveness probe
         self.source: KafkaSource = source_factory(self._assigned, self._revoked, self._lost)
 
     # -- rebalances -------------------------------------------------------------------------
@@ -79,12 +92,47 @@ class Pipeline:
         metrics.rebalances.labels("assign").inc()
         for topic in {t for t, _ in partitions}:
             table = self.mapping.for_topic(topic)
+            missing = self.sink.missing_columns(table)
+            if missing:
+                self.sink.add_columns(table.table, missing)
+            if self.bounds is not None:
+                self._assigned_bounded(table, topic, [p for t, p in partitions if t == topic])
+                continue
             applied = self.sink.applied_offsets(table.table, topic)
             for t, p in partitions:
                 if t == topic:
                     self.partitions[(t, p)] = PartitionState(PartitionBatch(table, t, p), applied.get(p, -1))
         log.info("assigned %s", sorted(partitions))
         metrics.assigned_partitions.set(len(self.partitions))
+
+    def _assigned_bounded(self, table, topic: str, partitions: list[int]) -> None:
+        """A replay may run beside the live consumer, whose rows lie above the range: so instead of
+        the watermark it asks which offsets *inside* its range ClickHouse holds, and skips those."""
+        assert self.bounds is not None
+        ranges = {p: self.bounds[(topic, p)] for p in partitions if (topic, p) in self.bounds}
+        present = self.sink.applied_in_ranges(table.table, topic, ranges)
+        for p in partitions:
+            state = PartitionState(PartitionBatch(table, topic, p), -1, applied=present.get(p, AppliedOffsets()))
+            self.partitions[(topic, p)] = state
+            if p in ranges and len(ranges[p]) == 0:
+                self.finished.add((topic, p))
+
+    def _bounded(self, partition: Partition, offset: int) -> int | None:
+        """The offset to commit: never past the partition's bound; None: commit nothing."""
+        if self.bounds is None:
+            return offset
+        bound = self.bounds.get(partition)
+        return None if bound is None else min(offset, bound.stop)
+
+    def _committed(self, partition: Partition, state: PartitionState, offset: int) -> None:
+        state.committed = offset
+        if self.bounds is not None and partition in self.bounds and offset >= self.bounds[partition].stop:
+            self.finished.add(partition)
+
+    @property
+    def done(self) -> bool:
+        """A bounded run whose every partition reached its bound."""
+        return self.bounds is not None and all(p in self.finished for p in self.bounds)
 
     def _revoked(self, partitions: list[Partition]) -> None:
         metrics.rebalances.labels("revoke").inc()
@@ -116,8 +164,10 @@ class Pipeline:
         signal.signal(signal.SIGINT, self._stop)
         self.source.start()
         try:
-            while not self.stopping:
+            while not self.stopping and not self.done:
                 self.step()
+                if self.on_step is not None:
+                    self.on_step()
             for partition in list(self.partitions):
                 self._flush(partition, final=True)
         finally:
@@ -129,6 +179,7 @@ class Pipeline:
         self.stopping = True
 
     def step(self) -> None:
+        self.last_step = time.monotonic()
         messages = self.source.poll(self.config.poll_messages, self.config.poll_timeout_s)
         blocked: set[Partition] = set()
         for message in messages:
@@ -149,8 +200,10 @@ class Pipeline:
     def _commit_position(self, partition: Partition, state: PartitionState) -> None:
         """An idle partition whose position moved past a transaction marker commits it."""
         position = self.source.position(partition)
+        if position is not None:
+            position = self._bounded(partition, position)
         if position is not None and position > state.committed and self.source.commit({partition: position}):
-            state.committed = position
+            self._committed(partition, state, position)
 
     def _handle(self, partition: Partition, message: Message) -> bool:
         """Adds one message to its partition's batch. False: stop reading this partition for now."""
@@ -160,16 +213,25 @@ class Pipeline:
         size = len(value) if value else 0
         metrics.messages_consumed.labels(*map(str, partition)).inc()
         metrics.bytes_consumed.labels(*map(str, partition)).inc(size)
-        if offset <= state.watermark:
+        if self.bounds is not None:
+            bound = self.bounds.get(partition)
+            if bound is None or offset >= bound.stop:
+                # Past the replay's bound: left for the live group (not committed); stop fetching.
+                self.source.pause([partition])
+                return False
+            if offset < bound.start:
+                state.batch.skip(offset)
+                return True
+        if offset <= state.watermark or offset in state.applied:
             metrics.messages_skipped.labels(partition[0]).inc()
             state.batch.skip(offset)
             return True
         try:
             event = self.decoder.decode(value)
-            rows = [] if event is None else self.mapper.rows(state.batch.table, event, tiebreak=offset)
-        except RegistryUnavailable as exc:
+            rows = [] if event is None else self._map(state, event, offset)
+        except (RegistryUnavailable, BlockingIOError) as exc:
             metrics.registry_retries.inc()
-            log.warning("schema registry unavailable (%s); pausing %s[%d]", exc, *partition)
+            log.warning("cannot apply %s[%d]@%d yet (%s); pausing the partition", *partition, offset, exc)
             self.source.seek(partition, offset)
             self._pause(partition, state)
             return False
@@ -188,6 +250,31 @@ class Pipeline:
             return True
         state.batch.add(offset, rows, size, event.commit_ts_ms if event else None)
         return True
+
+    def _map(self, state: PartitionState, event, offset: int) -> list[tuple]:
+        try:
+            return self.mapper.rows(state.batch.table, event, tiebreak=offset)
+        except NewColumns as change:
+            self._evolve(change)
+            return self.mapper.rows(self._table_mapping(change.table.table), event, tiebreak=offset)
+
+    def _table_mapping(self, table: str) -> TableMapping:
+        return next(t for t in self.mapping.tables if t.table == table)
+
+    def _evolve(self, change: NewColumns) -> None:
+        """The source table gained columns: flush every batch of the old shape, add the columns
+        in ClickHouse, and carry on with the wider mapping — no restart."""
+        name = change.table.table
+        for partition, state in self.partitions.items():
+            if state.batch.table.table == name and not self._flush(partition):
+                raise BlockingIOError(f"{name}: batches must be written before its columns change")
+        self.sink.add_columns(name, [(c.name, c.clickhouse_type) for c in change.columns])
+        widened = change.table.with_columns(change.columns)
+        self.mapping = self.mapping.replaced(widened)
+        self.mapper.mapping = self.mapping
+        for state in self.partitions.values():
+            if state.batch.table.table == name:
+                state.batch = PartitionBatch(widened, state.batch.topic, state.batch.partition)
 
     def _flush(self, partition: Partition, final: bool = False) -> bool:
         state = self.partitions[partition]
@@ -225,9 +312,9 @@ class Pipeline:
         started = time.perf_counter()
         # The position is past any transaction marker after the last record, so a caught-up
         # group shows a lag of 0 rather than 1 per transaction-ending partition.
-        next_offset = max(batch.last_offset + 1, self.source.position(partition) or 0)
-        if self.source.commit({partition: next_offset}):
-            state.committed = next_offset
+        next_offset = self._bounded(partition, max(batch.last_offset + 1, self.source.position(partition) or 0))
+        if next_offset is not None and self.source.commit({partition: next_offset}):
+            self._committed(partition, state, next_offset)
         metrics.commit_seconds.observe(time.perf_counter() - started)
         state.failures = 0
         if batch.last_row_offset is not None:
@@ -238,7 +325,7 @@ class Pipeline:
     def _insert(self, batch: PartitionBatch) -> None:
         table = batch.table.table
         started = time.perf_counter()
-        self.sink.insert(batch.table, batch.column_names, batch.rows, batch.dedup_token)
+        self.sink.insert(batch.table, batch.column_names, batch.rows, batch.dedup_token + self.token_suffix)
         finished = time.time()
         metrics.insert_seconds.labels(table).observe(time.perf_counter() - started)
         metrics.rows_inserted.labels(table).inc(len(batch.rows))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import start_http_server
-
 from consumer.batch import BatchPolicy
 from consumer.decode import EnvelopeDecoder
 from consumer.dlq import DeadLetterQueue
@@ -20,7 +18,8 @@ from consumer.source import KafkaSource, SourceConfig
 log = logging.getLogger(__name__)
 
 
-def build_pipeline(settings: Settings) -> Pipeline:
+def build_pipeline(settings: Settings, topics: list[str] | None = None, bounds: dict | None = None) -> Pipeline:
+    """The service's pipeline; `topics` and `bounds` make the bounded one of `cdc-consumer replay`."""
     if not settings.kafka_bootstrap:
         raise ConfigError('CDC_KAFKA_BOOTSTRAP is not set (for the native stack: eval "$(cdc-consumer stack env)")')
     try:
@@ -32,7 +31,9 @@ def build_pipeline(settings: Settings) -> Pipeline:
     if applied:
         log.info("applied ClickHouse migrations: %s", ", ".join(applied))
     registry = SchemaRegistry(settings.schema_registry_url) if settings.schema_registry_url else None
-    source_config = SourceConfig(bootstrap=settings.kafka_bootstrap, group_id=settings.group_id, topics=mapping.topics)
+    source_config = SourceConfig(
+        bootstrap=settings.kafka_bootstrap, group_id=settings.group_id, topics=topics or mapping.topics
+    )
     return Pipeline(
         source_factory=lambda *callbacks: KafkaSource(source_config, *callbacks),
         decoder=EnvelopeDecoder(registry),
@@ -42,13 +43,17 @@ def build_pipeline(settings: Settings) -> Pipeline:
         config=PipelineConfig(
             batch=BatchPolicy(settings.batch_max_rows, settings.batch_max_bytes, settings.batch_max_age_s),
             poll_messages=settings.poll_max_messages,
+            truncate_action=settings.truncate_action,
         ),
+        bounds=bounds,
     )
 
 
 def run(settings: Settings) -> None:
     pipeline = build_pipeline(settings)
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="0.0.0.0")
+        from consumer.health import serve_operations
+
+        serve_operations(settings, pipeline)  # /metrics, /healthz, /readyz; lag of its partitions
     log.info("consuming %s as group %s", ", ".join(pipeline.mapping.topics), settings.group_id)
     pipeline.run()

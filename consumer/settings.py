@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError
 from pydantic_settings import (
@@ -44,6 +45,9 @@ class Settings(BaseSettings):
     batch_max_age_s: float = Field(1.0, gt=0)
     poll_max_messages: int = Field(10_000, gt=0)
     metrics_port: int = Field(19108, ge=0, le=65535)
+    # A TRUNCATE in Postgres: "dlq" sends the event to the dead-letter topic for an operator to act
+    # on (the default: ClickHouse keeps its rows); "skip" logs and ignores it.
+    truncate_action: Literal["dlq", "skip"] = "dlq"
 
     @classmethod
     def settings_customise_sources(

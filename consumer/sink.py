@@ -6,6 +6,7 @@ coordinate columns every row carries (`_topic`, `_partition`, `_offset`).
 
 from __future__ import annotations
 
+import bisect
 import logging
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,21 @@ def connect(url: str | None, embedded_path: Path | None = None, database: str | 
     return clickhouse_connect.get_client(**options, database=database)
 
 
+class AppliedOffsets:
+    """Which offsets of one partition ClickHouse holds rows of, as sorted inclusive runs."""
+
+    def __init__(self, runs: list[tuple[int, int]] | None = None):
+        self.runs = sorted(runs or [])
+        self._starts = [lo for lo, _ in self.runs]
+
+    def __contains__(self, offset: int) -> bool:
+        i = bisect.bisect_right(self._starts, offset) - 1
+        return i >= 0 and self.runs[i][1] >= offset
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+
 class ClickHouseSink:
     def __init__(self, client: Client):
         self.client = client
@@ -73,6 +89,50 @@ class ClickHouseSink:
             parameters={"topic": topic},
         )
         return {int(p): int(o) for p, o in result.result_rows}
+
+    def applied_in_ranges(self, table: str, topic: str, ranges: dict[int, range]) -> dict[int, AppliedOffsets]:
+        """partition → the offsets inside `ranges[partition]` whose rows are in `table`.
+
+        Exact where the watermark is not: a replay beside the live consumer, or after data was
+        dropped and the live consumer went on above it, finds a gap *below* rows it must not
+        re-apply. Runs of consecutive offsets are computed in ClickHouse; partitions whose
+        watermark lies below the range need no scan at all."""
+        watermarks = self.applied_offsets(table, topic)
+        scan = {p: r for p, r in ranges.items() if len(r) and watermarks.get(p, -1) >= r.start}
+        if not scan:
+            return {}
+        condition = " OR ".join(
+            f"(_partition = {int(p)} AND _offset >= {int(r.start)} AND _offset < {int(r.stop)})"
+            for p, r in scan.items()
+        )
+        result = self.client.query(
+            f"""
+            SELECT _partition, min(o), max(o) FROM (
+                SELECT _partition, o, toInt64(o) - toInt64(row_number() OVER (PARTITION BY _partition ORDER BY o)) AS run
+                FROM (SELECT DISTINCT _partition, _offset AS o FROM {table} WHERE _topic = {{topic:String}} AND ({condition}))
+            ) GROUP BY _partition, run""",
+            parameters={"topic": topic},
+        )
+        runs: dict[int, list[tuple[int, int]]] = {}
+        for p, lo, hi in result.result_rows:
+            runs.setdefault(int(p), []).append((int(lo), int(hi)))
+        return {p: AppliedOffsets(r) for p, r in runs.items()}
+
+    def add_columns(self, table: str, columns: list[tuple[str, str]]) -> None:
+        """Schema evolution: new columns, idempotently (another consumer may have added them)."""
+        for name, clickhouse_type in columns:
+            log.info("ALTER TABLE %s ADD COLUMN %s %s", table, name, clickhouse_type)
+            self.client.command(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS `{name}` {clickhouse_type}")
+
+    def missing_columns(self, table: TableMapping) -> list[tuple[str, str]]:
+        existing = {
+            row[0]
+            for row in self.client.query(
+                "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = {t:String}",
+                parameters={"t": table.table},
+            ).result_rows
+        }
+        return [(c.name, c.clickhouse_type) for c in table.columns if c.name not in existing]
 
     def insert(self, table: TableMapping, column_names: list[str], rows: list[tuple], token: str) -> None:
         if table.role == "dimension":

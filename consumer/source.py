@@ -88,10 +88,20 @@ class KafkaSource:
                 log.warning("Kafka: %s", error)
         return good
 
-    def commit(self, offsets: dict[Partition, int]) -> None:
-        """Synchronously commit `next offset to read` per partition."""
-        if offsets:
+    def commit(self, offsets: dict[Partition, int]) -> bool:
+        """Synchronously commit `next offset to read` per partition. False when the group has
+        moved on (a rebalance took the partitions): the next owner re-reads from the last
+        committed offset, which the applied watermark makes harmless."""
+        if not offsets:
+            return True
+        try:
             self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() in REBALANCE_ERRORS:
+                log.warning("commit of %s skipped: %s", sorted(offsets), exc.args[0].str())
+                return False
+            raise
+        return True
 
     def position(self, partition: Partition) -> int | None:
         """Next offset the consumer will return; past transaction markers, unlike last offset + 1."""
@@ -116,5 +126,6 @@ class KafkaSource:
     def close(self) -> None:
         try:
             self.consumer.close()
-        except KafkaException as exc:
+        except Exception as exc:  # librdkafka raises several types here
+            # Closing leaves the group; a rebalance racing it changes nothing we rely on.
             log.warning("closing the consumer: %s", exc)

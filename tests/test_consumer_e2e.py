@@ -5,11 +5,13 @@ from __future__ import annotations
 import signal
 import time
 
+import psycopg
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from consumer.generate import generate
+from consumer.sink import connect
 from consumer.verify import compare
 from tests.consumer_helpers import (
     new_target,
@@ -24,7 +26,11 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 
 def assert_matches_postgres(stack, target) -> None:
-    report = compare(stack.postgres_dsn, target.clickhouse())
+    assert_matches_postgres_with(stack, target.clickhouse())
+
+
+def assert_matches_postgres_with(stack, client) -> None:
+    report = compare(stack.postgres_dsn, client)
     assert report.ok, str(report)
 
 
@@ -152,3 +158,42 @@ def _group_members(bootstrap: str, group_id: str, timeout: float = 60) -> int:
             return members
         time.sleep(1)
     return members
+
+
+def test_a_column_added_in_postgres_flows_through_without_restart(stack, tmp_path) -> None:
+    target = new_target(stack, tmp_path)
+    with running_consumer(target, tmp_path) as consumer:
+        generate(stack.postgres_dsn, rate=2000, duration=3, seed=505)
+        with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
+            conn.execute("ALTER TABLE campaign ADD COLUMN IF NOT EXISTS priority integer")
+            try:
+                conn.execute(
+                    "UPDATE campaign SET priority = id % 5 + 1, updated_at = now() "
+                    "WHERE id IN (SELECT id FROM campaign ORDER BY id DESC LIMIT 10)"
+                )
+                generate(stack.postgres_dsn, rate=2000, duration=2, seed=506)
+                wait_caught_up(stack, target, consumer)
+                columns = dict(
+                    target.clickhouse()
+                    .query(
+                        "SELECT name, type FROM system.columns WHERE database = currentDatabase() "
+                        "AND table = 'dim_campaign'"
+                    )
+                    .result_rows
+                )
+                assert columns.get("priority") == "Nullable(Int64)"
+                assert_matches_postgres(stack, target)  # compares `priority` too
+                assert consumer.proc.poll() is None, "no restart needed"
+            finally:
+                conn.execute("ALTER TABLE campaign DROP COLUMN IF EXISTS priority")
+
+
+def test_without_a_clickhouse_url_the_consumer_writes_into_an_embedded_clickhouse(stack, tmp_path) -> None:
+    target = new_target(stack, tmp_path, CDC_CLICKHOUSE_EMBEDDED_PATH=str(tmp_path / "embedded"))
+    del target.env["CDC_CLICKHOUSE_URL"]
+    with running_consumer(target, tmp_path) as consumer:
+        generate(stack.postgres_dsn, rate=2000, duration=2, seed=606)
+        wait_caught_up(stack, target, consumer)
+        assert consumer.stop() == 0, consumer.output()[-3000:]
+    embedded = connect(None, tmp_path / "embedded")  # chDB allows one process per data directory
+    assert_matches_postgres_with(stack, embedded)
