@@ -292,6 +292,8 @@ class Mapper:
         return self._fact_rows(table, event)
 
     def _check_new_columns(self, table: TableMapping, image: dict[str, Any]) -> None:
+        # (A Nullable column absent from an event is NULL: events written before the source
+        # column existed keep flowing from other partitions after the table was widened.)
         unknown = image.keys() - table.sources
         if not unknown:
             return
@@ -350,12 +352,13 @@ class Mapper:
                 )
             return KEEP_PREVIOUS
         if value is None:
-            if column.source not in image:
+            nullable = column.clickhouse_type.startswith("Nullable")
+            if column.source not in image and not nullable:
                 raise MappingError(
                     "missing_column",
                     f"{table.table}.{column.name}: source column {column.source!r} is not in the change event",
                 )
-            if not column.clickhouse_type.startswith("Nullable"):
+            if not nullable:
                 raise MappingError("null_value", f"{table.table}.{column.name}: NULL for a non-Nullable column")
             return None
         try:

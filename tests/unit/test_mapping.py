@@ -127,3 +127,13 @@ def test_mapping_file_errors_name_the_table(tmp_path) -> None:
     bad.write_text('[tables.x]\ntopic = "t"\nrole = "fact"\ncolumns = { id = "Int64", v = "Money" }\n')
     with pytest.raises(ValueError, match="table x, column v"):
         load_mapping(bad)
+
+
+def test_a_nullable_column_missing_from_an_older_event_is_null() -> None:
+    from consumer.mapping import infer_column
+
+    widened = CAMPAIGNS.with_columns([infer_column("priority", 3)])
+    (row,) = MAPPER.rows(widened, event("u", after=campaign(4), table="campaign"), 1)
+    assert row[len(CAMPAIGNS.columns)] is None
+    (row,) = MAPPER.rows(widened, event("u", after={**campaign(4), "priority": 3}, table="campaign"), 2)
+    assert row[len(CAMPAIGNS.columns)] == 3
