@@ -143,6 +143,117 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from consumer.replay import ReplayRefused, plan_replay, run_replay
+    from consumer.settings import load_settings
+
+    settings = load_settings()
+    try:
+        plan = plan_replay(
+            settings,
+            topics=args.topic,
+            from_offset=args.from_offset,
+            from_timestamp=args.from_timestamp,
+            from_beginning=args.from_beginning,
+            until_timestamp=args.until_timestamp,
+            move_group=args.move_group,
+        )
+    except ReplayRefused as exc:
+        console.print(f"[red]{exc}[/red]")
+        return 3
+    if not args.json:
+        table = Table("topic", "partition", "from", "to (excl.)", "offsets", "note", title=f"replay as {plan.group}")
+        for (topic, partition), bound in sorted(plan.ranges.items()):
+            note = plan.notes.get((topic, partition), "")
+            table.add_row(topic, str(partition), str(bound.start), str(bound.stop), str(len(bound)), note)
+        console.print(table)
+    if args.dry_run:
+        if args.json:
+            print(json.dumps(plan.as_dict(), indent=2))
+        return 0
+    try:
+        if args.json or args.no_progress or not plan.total:
+            report = run_replay(settings, plan)
+        else:
+            columns = (
+                TextColumn("[bold]replay"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("offsets"),
+                TextColumn("{task.fields[rate]}"),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+            )
+            with Progress(*columns, console=console) as bar:
+                task = bar.add_task("replay", total=plan.total, rate="")
+
+                def advance(done: int, total: int) -> None:
+                    speed = bar.tasks[0].speed
+                    bar.update(task, completed=done, rate=f"{speed:,.0f}/s" if speed else "")
+
+                report = run_replay(settings, plan, progress=advance)
+    except ReplayRefused as exc:
+        console.print(f"[red]{exc}[/red]")
+        return 3
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        rows = ", ".join(f"{t} {n:,}" for t, n in report.rows_inserted.items() if n) or "none"
+        console.print(
+            f"{'done' if report.completed else 'STOPPED EARLY'} in {report.seconds:.1f}s: read {report.messages_read:,}"
+            f" messages, {report.already_applied:,} already in ClickHouse (skipped), "
+            f"{report.dead_lettered:,} dead-lettered; rows inserted: {rows}"
+        )
+        if report.unfinished:
+            console.print(f"not finished: {', '.join(f'{t}[{p}]' for t, p in report.unfinished)}")
+    return 0 if report.completed else 1
+
+
+def _lag(args: argparse.Namespace) -> int:
+    from consumer.decode import EnvelopeDecoder
+    from consumer.lag import LagReader, serve_exporter
+    from consumer.mapping import load_mapping
+    from consumer.registry import SchemaRegistry
+    from consumer.settings import load_settings, require
+
+    settings = load_settings()
+    group = args.group or settings.group_id
+    topics = load_mapping(settings.mapping_file, settings.topic_prefix).topics
+    registry = SchemaRegistry(settings.schema_registry_url) if settings.schema_registry_url else None
+    if args.serve is not None:
+        serve_exporter(require("kafka_bootstrap"), group, topics, args.serve, EnvelopeDecoder(registry), args.interval)
+        return 0
+    reader = LagReader(require("kafka_bootstrap"), group, decoder=EnvelopeDecoder(registry))
+    try:
+        lags = reader.read(reader.partitions(topics))
+        members = len(reader.members())
+    finally:
+        reader.close()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "group": group,
+                    "members": members,
+                    "total_lag": sum(x.lag for x in lags),
+                    "max_lag_seconds": max((x.lag_seconds for x in lags), default=0.0),
+                    "partitions": [x.as_dict() for x in lags],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    table = Table("topic", "partition", "committed", "high watermark", "lag", "lag age", title=f"group {group}")
+    for x in lags:
+        committed = "-" if x.committed is None else str(x.committed)
+        table.add_row(x.topic, str(x.partition), committed, str(x.high_watermark), str(x.lag), f"{x.lag_seconds:.1f}s")
+    console.print(table)
+    console.print(f"{members} active member(s); total lag {sum(x.lag for x in lags):,} messages")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdc-consumer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -186,6 +297,34 @@ def build_parser() -> argparse.ArgumentParser:
     topics = sub.add_parser("topics", help="the change topics and how many messages each holds")
     topics.add_argument("--prefix", default="adtech", help="topic name prefix (default adtech)")
     topics.set_defaults(func=_topics)
+
+    replay = sub.add_parser(
+        "replay",
+        help="re-read a range of the change topics into ClickHouse and stop (idempotent backfill)",
+        description="Re-read from an offset, a time or the beginning up to the high watermarks seen at start "
+        "(or --until-timestamp), then stop. Default: a separate backfill group beside the live consumer; "
+        "--move-group: move the live group's offsets (refused while it has active members).",
+    )
+    replay.add_argument("--topic", action="append", help="a mapped topic (repeatable; default: all)")
+    start = replay.add_mutually_exclusive_group(required=True)
+    start.add_argument("--from-offset", help="OFFSET for every partition, or PARTITION:OFFSET[,PARTITION:OFFSET...]")
+    start.add_argument(
+        "--from-timestamp", help="ISO 8601 time (UTC unless given), Unix s/ms, or '15m ago' / '2h ago' / '1d ago'"
+    )
+    start.add_argument("--from-beginning", action="store_true", help="from the first offset Kafka still holds")
+    replay.add_argument("--until-timestamp", help="stop before records at or after this time (default: at the end)")
+    replay.add_argument("--move-group", action="store_true", help="move the live group's offsets (consumers stopped)")
+    replay.add_argument("--dry-run", action="store_true", help="show the plan only")
+    replay.add_argument("--no-progress", action="store_true", help="no progress bar")
+    replay.add_argument("--json", action="store_true", help="the report as JSON")
+    replay.set_defaults(func=_replay)
+
+    lag = sub.add_parser("lag", help="per-partition committed offset, high watermark, lag and lag age (from Kafka)")
+    lag.add_argument("--group", default=None, help="consumer group (default: CDC_GROUP_ID)")
+    lag.add_argument("--json", action="store_true", help="as JSON")
+    lag.add_argument("--serve", type=int, metavar="PORT", default=None, help="run as a Prometheus lag exporter on PORT")
+    lag.add_argument("--interval", type=float, default=5.0, help="exporter refresh interval in seconds (default 5)")
+    lag.set_defaults(func=_lag)
     return parser
 
 

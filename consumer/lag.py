@@ -1,0 +1,308 @@
+"""Consumer lag, read from Kafka alone: per partition the group's committed offset, the high
+watermark, the lag in messages and in seconds.
+
+* **lag (messages)** = high watermark − committed offset. Debezium writes in transactions, so a
+  partition's last offset is often a transaction marker; the pipeline commits its consumer
+  *position*, which is past such markers, so a caught-up group has a lag of exactly 0. A group that
+  never committed a partition starts at its first offset (`auto.offset.reset=earliest`): its lag is
+  high watermark − log start.
+* **lag (seconds)** = now − the Postgres commit time (`source.ts_ms`) of the last change the group
+  committed, and 0 when caught up: how stale ClickHouse is. The change is read back from Kafka
+  (the last data record below the committed offset, markers and tombstones skipped) and decoded;
+  where it cannot be decoded, the Kafka record timestamp stands in. With nothing committed yet it
+  is the age of the oldest change still to read.
+
+Everything comes from the brokers, so the numbers are right whether or not a consumer runs, for
+partitions without traffic (caught up: 0 and 0) and right after a rebalance (the committed
+offsets are the group's, whoever owns the partition now). Used by `cdc-consumer lag`, by the
+lag exporter (`cdc-consumer lag --serve PORT`, for alerting while the consumer is down) and by
+the consumer itself (:class:`LagMonitor`, for its own partitions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+from confluent_kafka import OFFSET_INVALID, Consumer, ConsumerGroupTopicPartitions, KafkaError, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
+from prometheus_client import Gauge
+
+from consumer.source import Partition
+
+log = logging.getLogger(__name__)
+
+READ_BACK = (64, 2048)  # how far below the committed offset to look for the last data record
+
+
+@dataclass
+class PartitionLag:
+    topic: str
+    partition: int
+    committed: int | None  # the group's committed offset (next to read); None: never committed
+    log_start: int
+    high_watermark: int
+    lag: int  # messages
+    lag_seconds: float
+    last_change_ms: int | None  # Postgres commit time of the last committed change (or None)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class LagReader:
+    """Reads lag for one consumer group. Not thread-safe: one reader per thread."""
+
+    def __init__(self, bootstrap: str, group_id: str, decoder=None, timeout: float = 10.0):
+        self.bootstrap = bootstrap
+        self.group_id = group_id
+        self.decoder = decoder
+        self.timeout = timeout
+        self.admin = AdminClient({"bootstrap.servers": bootstrap})
+        self._probe: Consumer | None = None
+        self._change_ms: dict[tuple[Partition, int, bool], int | None] = {}
+
+    def close(self) -> None:
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
+
+    # -- what Kafka knows -----------------------------------------------------------------
+    def partitions(self, topics: Iterable[str]) -> list[Partition]:
+        metadata = self.admin.list_topics(timeout=self.timeout)
+        return sorted((t, p) for t in topics if t in metadata.topics for p in metadata.topics[t].partitions)
+
+    def committed(self, partitions: list[Partition]) -> dict[Partition, int | None]:
+        if not partitions:
+            return {}
+        request = ConsumerGroupTopicPartitions(self.group_id, [TopicPartition(t, p) for t, p in partitions])
+        result = self.admin.list_consumer_group_offsets([request], request_timeout=self.timeout)
+        answer = result[self.group_id].result(self.timeout)
+        return {
+            (tp.topic, tp.partition): (None if tp.offset == OFFSET_INVALID or tp.offset < 0 else tp.offset)
+            for tp in answer.topic_partitions
+        }
+
+    def offsets(self, partitions: list[Partition], spec: OffsetSpec) -> dict[Partition, int]:
+        if not partitions:
+            return {}
+        futures = self.admin.list_offsets(
+            {TopicPartition(t, p): spec for t, p in partitions}, request_timeout=self.timeout
+        )
+        return {(tp.topic, tp.partition): future.result(self.timeout).offset for tp, future in futures.items()}
+
+    def members(self) -> list:
+        """The group's active members (empty when no consumer runs)."""
+        description = self.admin.describe_consumer_groups([self.group_id], request_timeout=self.timeout)
+        return list(description[self.group_id].result(self.timeout).members)
+
+    # -- lag --------------------------------------------------------------------------------
+    def read(self, partitions: list[Partition], now: float | None = None) -> list[PartitionLag]:
+        committed = self.committed(partitions)
+        starts = self.offsets(partitions, OffsetSpec.earliest())
+        highs = self.offsets(partitions, OffsetSpec.latest())
+        now = time.time() if now is None else now
+        result = []
+        for partition in partitions:
+            low, high, done = starts[partition], highs[partition], committed.get(partition)
+            position = low if done is None or done < low else done
+            lag = max(high - position, 0)
+            change_ms, seconds = None, 0.0
+            if lag:
+                if position > low:
+                    change_ms = self.change_time_ms(partition, position, low)
+                if change_ms is None:  # nothing applied yet: the age of the oldest change to read
+                    change_ms = self.change_time_ms(partition, high, position, first=True)
+                seconds = max(0.0, now - change_ms / 1000) if change_ms is not None else 0.0
+            result.append(PartitionLag(*partition, done, low, high, lag, round(seconds, 3), change_ms))
+        return result
+
+    def change_time_ms(self, partition: Partition, below: int, low: int, first: bool = False) -> int | None:
+        """The commit time of the last data record below `below` (or, `first`, of the first one at
+        or above `low`), cached: a partition's committed offset changes far less often than we ask."""
+        key = (partition, low if first else below, first)
+        if key not in self._change_ms:
+            if first:
+                records = self._read(partition, low, below, limit=1)
+                self._change_ms[key] = self._commit_ms(records[0]) if records else None
+            else:
+                self._change_ms[key] = None
+                for back in READ_BACK:
+                    records = self._read(partition, max(low, below - back), below)
+                    if records:
+                        self._change_ms[key] = self._commit_ms(records[-1])
+                        break
+                    if below - back <= low:
+                        break
+            if len(self._change_ms) > 10_000:
+                self._change_ms.clear()
+        return self._change_ms[key]
+
+    def _commit_ms(self, message) -> int | None:
+        if self.decoder is not None:
+            try:
+                event = self.decoder.decode(message.value())
+                if event is not None and event.commit_ts_ms:
+                    return int(event.commit_ts_ms)
+            except Exception as exc:
+                log.debug(
+                    "lag: cannot decode %s[%d]@%d: %s", message.topic(), message.partition(), message.offset(), exc
+                )
+        kind, timestamp = message.timestamp()
+        return timestamp if kind and timestamp > 0 else None
+
+    def _read(self, partition: Partition, start: int, stop: int, limit: int | None = None) -> list:
+        """Data records (not tombstones) with offsets in [start, stop), read_committed."""
+        if start >= stop:
+            return []
+        if self._probe is None:
+            self._probe = Consumer(
+                {
+                    "bootstrap.servers": self.bootstrap,
+                    "group.id": f"{self.group_id}-lag-probe",  # never joined, never committed
+                    "enable.auto.commit": False,
+                    "isolation.level": "read_committed",
+                    "enable.partition.eof": True,
+                    "fetch.wait.max.ms": 50,
+                }
+            )
+        self._probe.assign([TopicPartition(*partition, start)])
+        records = []
+        deadline = time.monotonic() + self.timeout
+        try:
+            while time.monotonic() < deadline:
+                message = self._probe.poll(0.5)
+                if message is None:
+                    continue
+                if message.error():
+                    if message.error().code() == KafkaError._PARTITION_EOF:
+                        break
+                    log.debug("lag probe: %s", message.error())
+                    continue
+                if message.offset() >= stop:
+                    break
+                if message.value() is not None:
+                    records.append(message)
+                    if limit and len(records) >= limit:
+                        break
+                if message.offset() >= stop - 1:
+                    break
+        finally:
+            self._probe.unassign()
+        return records
+
+
+# -- Prometheus ---------------------------------------------------------------------------------
+class LagMonitor:
+    """Keeps the lag gauges of a set of partitions current, in a background thread.
+
+    `partitions()` says which partitions to report, asked anew at every round: the consumer
+    reports the partitions assigned to it (series of partitions it lost are removed, the new
+    owner reports them, from the group's committed offsets, on its next round), the exporter
+    every partition of the group's topics."""
+
+    def __init__(
+        self,
+        reader: LagReader,
+        partitions: Callable[[], list[Partition]],
+        lag_messages: Gauge,
+        lag_seconds: Gauge,
+        interval: float = 5.0,
+        extra: Callable[[list[PartitionLag]], None] | None = None,
+    ):
+        self.reader = reader
+        self.partitions = partitions
+        self.lag_messages = lag_messages
+        self.lag_seconds = lag_seconds
+        self.interval = interval
+        self.extra = extra
+        self._reported: set[Partition] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lag-monitor", daemon=True)
+
+    def start(self) -> LagMonitor:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(self.interval + self.reader.timeout + 5)
+        self.reader.close()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.update()
+            except Exception as exc:
+                log.warning("lag monitor: %s", exc)
+            self._stop.wait(self.interval)
+
+    def update(self) -> list[PartitionLag]:
+        partitions = sorted(set(self.partitions()))
+        lags = self.reader.read(partitions) if partitions else []
+        for item in lags:
+            labels = (item.topic, str(item.partition))
+            self.lag_messages.labels(*labels).set(item.lag)
+            self.lag_seconds.labels(*labels).set(item.lag_seconds)
+        for topic, partition in self._reported - set(partitions):
+            for gauge in (self.lag_messages, self.lag_seconds):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(topic, str(partition))
+        self._reported = set(partitions)
+        if self.extra is not None:
+            self.extra(lags)
+        return lags
+
+
+def serve_exporter(bootstrap: str, group_id: str, topics: list[str], port: int, decoder=None, interval: float = 5.0):
+    """`cdc-consumer lag --serve PORT`: the lag of every partition of the group, for Prometheus,
+    from Kafka alone. Runs beside the consumer (a sidecar, or a service of its own) so lag and its
+    alerts stay visible while the consumer is down — which is when they matter most."""
+    import signal
+
+    from prometheus_client import CollectorRegistry
+
+    from consumer.health import OperationsServer
+
+    registry = CollectorRegistry()
+    labels = ["topic", "partition"]
+    lag_messages = Gauge(
+        "cdc_consumer_lag_messages", "High watermark minus committed offset", labels, registry=registry
+    )
+    lag_seconds = Gauge(
+        "cdc_consumer_lag_seconds",
+        "Now minus the Postgres commit time of the last committed change (0 when caught up)",
+        labels,
+        registry=registry,
+    )
+    committed = Gauge("cdc_consumer_committed_offset", "The group's committed offset", labels, registry=registry)
+    high = Gauge("cdc_partition_high_watermark", "The partition's high watermark", labels, registry=registry)
+    members = Gauge("cdc_consumer_group_members", "Active members of the consumer group", registry=registry)
+    updated = Gauge(
+        "cdc_lag_exporter_last_update_timestamp_seconds", "Unix time of the last refresh", registry=registry
+    )
+
+    reader = LagReader(bootstrap, group_id, decoder=decoder)
+
+    def extra(lags: list[PartitionLag]) -> None:
+        for item in lags:
+            if item.committed is not None:
+                committed.labels(item.topic, str(item.partition)).set(item.committed)
+            high.labels(item.topic, str(item.partition)).set(item.high_watermark)
+        members.set(len(reader.members()))
+        updated.set_to_current_time()
+
+    monitor = LagMonitor(reader, lambda: reader.partitions(topics), lag_messages, lag_seconds, interval, extra)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    server = OperationsServer(port, registry=registry).start()
+    monitor.start()
+    log.info("lag exporter for group %s on port %d", group_id, server.port)
+    stop.wait()
+    monitor.stop()
+    server.stop()

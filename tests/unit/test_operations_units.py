@@ -1,0 +1,201 @@
+"""Units of the operations features, without a stack: the bounded pipeline of `replay`, its
+argument parsing, the applied-offset runs, and the operations HTTP port."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from consumer.dlq import DeadLetterQueue
+from consumer.health import OperationsServer
+from consumer.mapping import load_mapping
+from consumer.pipeline import Pipeline, PipelineConfig
+from consumer.replay import parse_offsets, parse_time_ms
+from consumer.settings import ConfigError
+from consumer.sink import AppliedOffsets
+
+TOPIC = "adtech.public.impressions"
+
+
+class FakeMessage:
+    def __init__(self, offset: int, partition: int = 0, topic: str = TOPIC):
+        self._offset, self._partition, self._topic = offset, partition, topic
+
+    def topic(self):
+        return self._topic
+
+    def partition(self):
+        return self._partition
+
+    def offset(self):
+        return self._offset
+
+    def value(self):
+        return b"x"
+
+    def key(self):
+        return None
+
+    def error(self):
+        return None
+
+
+class FakeSource:
+    """A partition log with offsets 0..end-1, where `markers` are transaction markers (never
+    delivered, but the position moves past them)."""
+
+    def __init__(self, end: int, markers: set[int] = frozenset(), start: int = 0):
+        self.end, self.markers, self.next = end, set(markers), start
+        self.commits: list[int] = []
+        self.paused = False
+        self.assign_cb = None
+
+    def start(self):
+        self.assign_cb([(TOPIC, 0)])
+
+    def poll(self, max_messages, timeout):
+        out = []
+        while self.next < self.end and len(out) < 3 and not self.paused:
+            if self.next not in self.markers:
+                out.append(FakeMessage(self.next))
+            self.next += 1
+        return out
+
+    def position(self, partition):
+        return self.next
+
+    def commit(self, offsets):
+        self.commits.append(offsets[(TOPIC, 0)])
+        return True
+
+    def pause(self, partitions):
+        self.paused = True
+
+    def resume(self, partitions):
+        self.paused = False
+
+    def seek(self, partition, offset):
+        self.next = offset
+
+    def close(self):
+        pass
+
+
+class FakeSink:
+    def __init__(self, present: list[tuple[int, int]] = ()):
+        self.present = present
+        self.inserted: list[int] = []
+        self.tokens: list[str] = []
+
+    def applied_offsets(self, table, topic):
+        return {0: max((hi for _, hi in self.present), default=-1)}
+
+    def applied_in_ranges(self, table, topic, ranges):
+        return {0: AppliedOffsets(list(self.present))}
+
+    def insert(self, table, column_names, rows, token):
+        index = column_names.index("_offset")
+        self.inserted.extend(row[index] for row in rows)
+        self.tokens.append(token)
+
+    def missing_columns(self, table):
+        return []
+
+
+class FakeEvent:
+    commit_ts_ms = 1_800_000_000_000
+
+
+class FakeDecoder:
+    def decode(self, value):
+        return FakeEvent()
+
+
+def bounded_pipeline(source: FakeSource, sink: FakeSink, bound: range) -> Pipeline:
+    def factory(on_assign, on_revoke, on_lost):
+        source.assign_cb = on_assign
+        return source
+
+    dlq = DeadLetterQueue.__new__(DeadLetterQueue)
+    dlq.flush = dlq.close = lambda *a, **k: None
+    pipeline = Pipeline(
+        source_factory=factory,
+        decoder=FakeDecoder(),
+        mapping=load_mapping(),
+        sink=sink,
+        dlq=dlq,
+        config=PipelineConfig(poll_timeout_s=0),
+        bounds={(TOPIC, 0): bound},
+    )
+    pipeline.mapper.rows = lambda table, event, tiebreak: [tuple(None for _ in table.column_names)]
+    return pipeline
+
+
+def test_bounded_run_applies_only_missing_offsets_and_stops_at_the_bound() -> None:
+    source = FakeSource(end=30, start=5)
+    sink = FakeSink(present=[(0, 9), (15, 17)])  # already in ClickHouse
+    pipeline = bounded_pipeline(source, sink, range(5, 20))
+    pipeline.token_suffix = ":replay-1"
+    pipeline.run()
+    assert pipeline.done
+    assert sink.inserted == [10, 11, 12, 13, 14, 18, 19]
+    assert all(token.endswith(":replay-1") for token in sink.tokens)
+    assert max(source.commits) == 20, "never commits past the bound: the rest is the live group's"
+
+
+def test_bounded_run_finishes_when_the_range_ends_with_transaction_markers() -> None:
+    source = FakeSource(end=12, markers={10, 11})
+    pipeline = bounded_pipeline(source, FakeSink(), range(0, 12))
+    pipeline.run()
+    assert pipeline.done and source.commits[-1] == 12
+
+
+def test_empty_range_is_done_at_once() -> None:
+    source = FakeSource(end=50, start=50)
+    sink = FakeSink()
+    pipeline = bounded_pipeline(source, sink, range(50, 50))
+    pipeline.run()
+    assert pipeline.done and sink.inserted == []
+
+
+def test_applied_offsets_runs() -> None:
+    runs = AppliedOffsets([(10, 12), (0, 3)])
+    assert [o for o in range(15) if o in runs] == [0, 1, 2, 3, 10, 11, 12]
+    assert 5 not in AppliedOffsets()
+
+
+def test_parse_offsets() -> None:
+    assert parse_offsets("100") == 100
+    assert parse_offsets("0:100,1:250") == {0: 100, 1: 250}
+    for bad in ("x", "-1", "0:1:2", "0:-5"):
+        with pytest.raises(ConfigError):
+            parse_offsets(bad)
+
+
+def test_parse_time() -> None:
+    now = 1_800_000_000.0
+    assert parse_time_ms("15m ago", now) == parse_time_ms("-15m", now) == int((now - 900) * 1000)
+    assert parse_time_ms("2026-01-01T00:00:00Z") == parse_time_ms("2026-01-01 00:00") == 1767225600000
+    assert parse_time_ms("2026-01-01T01:00:00+01:00") == 1767225600000
+    assert parse_time_ms("1767225600") == parse_time_ms("1767225600000") == 1767225600000
+    with pytest.raises(ConfigError):
+        parse_time_ms("yesterday")
+
+
+def test_operations_port_serves_metrics_and_probes() -> None:
+    state = {"ready": True}
+    server = OperationsServer(0, addr="127.0.0.1", ready=lambda: (state["ready"], {"paused_partitions": []})).start()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        assert b"cdc_paused_partitions" in urllib.request.urlopen(f"{base}/metrics").read()
+        assert json.loads(urllib.request.urlopen(f"{base}/healthz").read())["status"] == "ok"
+        assert urllib.request.urlopen(f"{base}/readyz").status == 200
+        state["ready"] = False
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(f"{base}/readyz")
+        assert error.value.code == 503
+    finally:
+        server.stop()
