@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from consumer.mapping import TableMapping
 
@@ -24,6 +25,12 @@ class PartitionBatch:
     table: TableMapping
     topic: str
     partition: int
+    # The fast lane (consumer.server_decode): message values ClickHouse decodes itself, with
+    # their offsets, while the batch holds no rows. Either raw values or rows, never both.
+    raw_offsets: list[int] = field(default_factory=list)
+    raw_values: list[bytes] = field(default_factory=list)
+    raw_keys: list[bytes | None] = field(default_factory=list)  # for the dead-letter topic
+    plan: Any = None  # the ServerPlan of the raw values
     rows: list[tuple] = field(default_factory=list)
     first_row_offset: int | None = None
     last_row_offset: int | None = None
@@ -58,7 +65,7 @@ class PartitionBatch:
     def ready(self, policy: BatchPolicy, now: float | None = None) -> bool:
         if self.messages == 0:
             return False
-        if len(self.rows) >= policy.max_rows or self.bytes >= policy.max_bytes:
+        if len(self.rows) + len(self.raw_values) >= policy.max_rows or self.bytes >= policy.max_bytes:
             return True
         return (now if now is not None else time.monotonic()) - self.started_at >= policy.max_age_s
 
@@ -70,3 +77,29 @@ class PartitionBatch:
     @property
     def column_names(self) -> list[str]:
         return [*self.table.column_names, "_topic", "_partition", "_offset"]
+
+    def add_raw(self, offset: int, value: bytes, size: int, plan: Any) -> None:
+        """A message ClickHouse will decode (only while the batch holds no rows)."""
+        if self.messages == 0:
+            self.started_at = time.monotonic()
+        self.messages += 1
+        self.last_offset = offset
+        self.bytes += size
+        self.raw_offsets.append(offset)
+        self.raw_values.append(value)
+        self.plan = plan
+        if self.first_row_offset is None:
+            self.first_row_offset = offset
+        self.last_row_offset = offset
+
+    def take_raw(self) -> tuple[list[int], list[bytes]]:
+        """Hand the raw messages back (to be decoded in Python and added as rows, in order)."""
+        offsets, values = self.raw_offsets, self.raw_values
+        self.raw_offsets, self.raw_values, self.raw_keys, self.plan = [], [], [], None
+        self.first_row_offset = self.last_row_offset = None
+        return offsets, values
+
+    @property
+    def raw_dedup_token(self) -> str:
+        """The token of the raw insert: the same messages always make the same insert."""
+        return f"{self.topic}:{self.partition}:{self.first_row_offset}-{self.last_row_offset}:{len(self.raw_values)}m"

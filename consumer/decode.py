@@ -585,6 +585,18 @@ class EnvelopeDecoder:
             )
         return self._event(envelope, plan)
 
+    @property
+    def placeholder(self) -> str:
+        """The unchanged-TOAST placeholder as text (what a string column carries)."""
+        return self._placeholder
+
+    def writer_schema(self, schema_id: int) -> dict[str, Any]:
+        """The fastavro-parsed writer schema of a Confluent schema id (for consumer.server_decode).
+        Raises DecodeError / RegistryUnavailable like `decode`."""
+        if self._registry is None:
+            raise DecodeError("avro_without_registry", f"schema id {schema_id} but this decoder has no schema registry")
+        return self._registry.schema(schema_id)
+
     # -- Avro -----------------------------------------------------------------------------------
 
     def _decode_avro(self, value: bytes) -> tuple[Any, _EnvelopePlan]:

@@ -44,6 +44,7 @@ def build_pipeline(settings: Settings, topics: list[str] | None = None, bounds: 
             batch=BatchPolicy(settings.batch_max_rows, settings.batch_max_bytes, settings.batch_max_age_s),
             poll_messages=settings.poll_max_messages,
             truncate_action=settings.truncate_action,
+            server_decode=settings.server_decode,
         ),
         bounds=bounds,
     )

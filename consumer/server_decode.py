@@ -1,0 +1,494 @@
+"""SERVER-SIDE DECODE: the fast lane for fact tables. ClickHouse decodes the Avro and maps the
+Debezium envelopes to signed fact rows; Python keeps batching, deduplication and commits.
+
+Why: decoding a Debezium envelope with fastavro costs ~15 µs per message and the mapping a few
+more; ClickHouse decodes the same bytes for ~1 µs of CPU. So for a batch of a fact topic the
+pipeline hands over the raw message values, and ClickHouse does the rest in one INSERT:
+
+* the payload is an Avro object container (`INSERT … FORMAT Avro`) whose schema is the writer
+  schema wrapped in a record ``{_k: fixed(8), _h: fixed(5), <envelope fields>, _t: fixed(8)}``:
+  each message value goes in unchanged (``_h`` is its Confluent header) between two copies of its
+  Kafka coordinates (``_k`` = ``_t`` = partition << 48 | offset, little-endian). Python's work per
+  message is one ``int.to_bytes``. The schema travels with the insert: ClickHouse needs no access
+  to the registry. ``_t`` = ``_k`` proves each record ended exactly where its value ended (a value
+  with trailing bytes, or a truncated one, shifts every later field);
+* the insert goes into a staging table (``ENGINE = Null``: nothing stored) whose materialized
+  view writes the fact rows (+1 after-image, -1 before-image) into the fact table, with
+  ``_topic``/``_partition``/``_offset``, so the applied watermark works as for Python's rows;
+  the fact table's own views (the KPI aggregate) follow as usual. ``insert_deduplication_token``
+  deduplicates a retried insert in the fact table and in the aggregate alike (checked);
+* the view re-checks everything the Python path would reject or treat specially (any op but
+  c/u/d: snapshot reads are reconciled with what ClickHouse holds, in Python; a missing
+  image, an unchanged-TOAST placeholder, a NULL for a non-Nullable column, a timestamp outside
+  DateTime64 or not in Debezium's canonical form, a decimal that does not fit) with ``throwIf``:
+  then the whole insert fails before anything is written, and the pipeline applies that batch
+  through the Python path, which dead-letters exactly the bad messages. So on every batch that
+  ClickHouse accepts, the rows are those the Python path would write; on any other the Python
+  path decides. Inserts are kept to one block (one `max_insert_block_size`), so a rejected insert
+  leaves nothing behind.
+
+A plan is compiled per (table mapping, writer schema id); writer schemas it does not cover (a
+type outside the list in `_column_expression`, a mapping that adds columns, a dimension table)
+simply stay on the Python path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Counter
+
+from consumer.mapping import TableMapping
+
+log = logging.getLogger(__name__)
+
+# Coordinates packed into 8 bytes: partition in the top 16 bits, offset in the low 48.
+OFFSET_BITS = 48
+MAX_OFFSET = (1 << OFFSET_BITS) - 1
+MAX_PARTITION = (1 << 16) - 1
+RETRY_S = 10.0  # after a transient failure to set a plan up, the Python path for this long
+SYNC = b"cdc-consumer-ocf"  # the container's 16-byte sync marker (any constant will do)
+ZONED_TIMESTAMP = "io.debezium.time.ZonedTimestamp"
+MICRO_TIMESTAMP = "io.debezium.time.MicroTimestamp"
+TIMESTAMP = "io.debezium.time.Timestamp"
+# DateTime64's range (see consumer.mapping): as epoch microseconds, and as canonical text years.
+DT64_MIN_US = -2208988800_000000  # 1900-01-01T00:00:00Z
+DT64_MAX_US = 10413791999_999999  # 2299-12-31T23:59:59.999999Z
+
+INSERT_SETTINGS = {
+    "async_insert": 0,
+    "insert_deduplicate": 1,
+    "deduplicate_blocks_in_dependent_materialized_views": 1,
+    # One block per insert: a rejected insert must leave nothing behind.
+    "max_insert_block_size": 10_000_000,
+    "min_insert_block_size_rows": 0,
+    "min_insert_block_size_bytes": 0,
+    "input_format_parallel_parsing": 0,
+}
+
+
+class Unsupported(Exception):
+    """This writer schema / mapping stays on the Python path (the reason is logged once)."""
+
+
+def _zz(n: int) -> bytes:
+    z = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while z >= 0x80:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+    return bytes(out)
+
+
+def _avro_string(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return _zz(len(b)) + b
+
+
+@dataclass(frozen=True)
+class ServerPlan:
+    table: str
+    topic: str
+    schema_id: int
+    staging: str
+    view: str
+    ddl: tuple[str, ...]
+    ocf_head: bytes
+
+    @property
+    def header(self) -> bytes:
+        return b"\x00" + self.schema_id.to_bytes(4, "big")
+
+    def payload(self, partition: int, offsets: list[int], values: list[bytes]) -> bytes:
+        """The Avro container for these messages (all with this plan's header)."""
+        if not 0 <= partition <= MAX_PARTITION or (offsets and offsets[-1] > MAX_OFFSET):
+            raise ValueError(f"partition {partition} / offset {offsets[-1]} do not fit the 8-byte coordinates")
+        base = partition << OFFSET_BITS
+        parts: list[bytes] = []
+        extend = parts.extend
+        for offset, value in zip(offsets, values, strict=True):
+            key = (base | offset).to_bytes(8, "little")
+            extend((key, value, key))
+        body = b"".join(parts)
+        return b"".join((self.ocf_head, _zz(len(values)), _zz(len(body)), body, SYNC))
+
+
+# -- compiling a plan ---------------------------------------------------------------------------
+
+
+def _strip(node: Any) -> Any:
+    """A fastavro-parsed schema back to plain Avro JSON (its bookkeeping keys removed)."""
+    if isinstance(node, list):
+        return [_strip(n) for n in node]
+    if isinstance(node, dict):
+        return {k: _strip(v) for k, v in node.items() if not k.startswith("__")}
+    return node
+
+
+def _quote(name: str) -> str:
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+def _sql_string(s: str) -> str:
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    clickhouse: str  # the staging type of the value (inside Nullable when optional)
+    avro: str  # primitive type
+    optional: bool
+    logical: str | None  # connect.name or Avro logicalType
+    precision: int = 0
+    scale: int = 0
+
+
+def _resolve(node: Any, named: dict[str, Any]) -> Any:
+    if isinstance(node, str) and node in named:
+        return named[node]
+    return node
+
+
+def _field(name: str, node: Any, named: dict[str, Any]) -> _Field:
+    optional = False
+    node = _resolve(node, named)
+    if isinstance(node, list):
+        branches = [b for b in node if b != "null"]
+        if len(branches) != 1 or len(node) != 2:
+            raise Unsupported(f"column {name!r}: union {node}")
+        optional = True
+        node = _resolve(branches[0], named)
+    base = node if isinstance(node, str) else node.get("type")
+    logical = None if isinstance(node, str) else (node.get("connect.name") or node.get("logicalType"))
+    if base == "bytes" and isinstance(node, dict) and node.get("logicalType") == "decimal":
+        precision, scale = int(node.get("precision", 0)), int(node.get("scale", 0))
+        if not 0 < precision <= 76 or not 0 <= scale <= precision:
+            raise Unsupported(f"column {name!r}: decimal({precision}, {scale})")
+        return _Field(name, f"Decimal({precision}, {scale})", "decimal", optional, "decimal", precision, scale)
+    simple = {
+        "long": "Int64",
+        "int": "Int32",
+        "string": "String",
+        "boolean": "Bool",
+        "double": "Float64",
+        "float": "Float32",
+        "bytes": "String",
+    }
+    if base not in simple:
+        raise Unsupported(f"column {name!r}: Avro type {base!r}")
+    return _Field(name, simple[base], base, optional, logical)
+
+
+def _collect_named(node: Any, named: dict[str, Any]) -> None:
+    if isinstance(node, list):
+        for n in node:
+            _collect_named(n, named)
+    elif isinstance(node, dict):
+        if node.get("type") in ("record", "enum", "fixed") and "name" in node:
+            named[node["name"]] = node
+            if node.get("namespace") and "." not in node["name"]:
+                named[f"{node['namespace']}.{node['name']}"] = node
+        for key in ("type", "items", "values", "fields"):
+            if key in node:
+                _collect_named(node[key], named)
+
+
+def _value_record(envelope: dict[str, Any], named: dict[str, Any]) -> dict[str, Any]:
+    fields = {f["name"]: f for f in envelope.get("fields", [])}
+    for required in ("before", "after", "op"):
+        if required not in fields:
+            raise Unsupported(f"not a Debezium envelope (no {required!r})")
+    if _resolve(fields["op"]["type"], named) != "string":
+        raise Unsupported("op is not a string")
+    records = []
+    for side in ("before", "after"):
+        node = _resolve(fields[side]["type"], named)
+        if not (isinstance(node, list) and len(node) == 2 and "null" in node):
+            raise Unsupported(f"{side} is not an optional record")
+        record = _resolve(next(b for b in node if b != "null"), named)
+        if not (isinstance(record, dict) and record.get("type") == "record"):
+            raise Unsupported(f"{side} is not a record")
+        records.append(record)
+    if records[0] is not records[1] and records[0].get("fields") != records[1].get("fields"):
+        raise Unsupported("before and after have different records")
+    return records[1]
+
+
+_DECIMAL_TYPE = re.compile(r"^Decimal\((\d+),\s*(\d+)\)$")
+_WRAPPERS = re.compile(r"^(LowCardinality|Nullable)\((.*)\)$")
+
+
+def _target(clickhouse_type: str) -> tuple[str, bool]:
+    inner, nullable = clickhouse_type.strip(), False
+    while match := _WRAPPERS.match(inner):
+        nullable = nullable or match.group(1) == "Nullable"
+        inner = match.group(2).strip()
+    return inner, nullable
+
+
+def _column_expression(column, source: _Field | None, placeholder: str) -> tuple[str, list[str]]:
+    """SQL for one mapped column over the tuple `img`, and the conditions that must send the
+    batch to the Python path. Only conversions whose result equals consumer.mapping's exactly."""
+    inner, nullable = _target(column.clickhouse_type)
+    if source is None:
+        if not nullable:
+            raise Unsupported(f"{column.name}: source column {column.source!r} is not in this schema")
+        return f"CAST(NULL AS {column.clickhouse_type})", []
+    v = f"img.{_quote(source.name)}"
+    checks: list[str] = []
+    if source.optional and not nullable:
+        checks.append(f"isNull({v})")
+    x = f"assumeNotNull({v})" if source.optional else v
+    value_checks: list[str] = []  # over x; every one non-NULL by construction
+    if source.avro in ("string", "bytes"):
+        value_checks.append(f"{x} = {_sql_string(placeholder)}")  # unchanged TOAST in a fact
+    if inner == "Int64" and source.avro in ("long", "int") and source.logical is None:
+        expr = f"toInt64({x})"
+    elif (inner == "Int32" and source.avro == "int" and source.logical is None) or (
+        inner == "String" and source.avro == "string" and source.logical in (None, "io.debezium.data.Json")
+    ):
+        expr = x
+    elif inner == "Float64" and source.avro in ("double", "float"):
+        expr = f"toFloat64({x})"
+    elif inner == "Bool" and source.avro == "boolean":
+        expr = f"toUInt8({x})"
+    elif (m := _DECIMAL_TYPE.match(inner)) and source.avro == "decimal":
+        precision, scale = int(m.group(1)), int(m.group(2))
+        if source.scale > scale:
+            raise Unsupported(f"{column.name}: decimal scale {source.scale} > {scale}")
+        digits = precision - scale
+        if digits <= 18:
+            value_checks.append(f"NOT ({x} > -{10**digits} AND {x} < {10**digits})")
+        else:
+            limit = f"toDecimal256('{10**digits}', 0)"
+            value_checks.append(f"NOT ({x} > -{limit} AND {x} < {limit})")
+        expr = f"CAST({x} AS Decimal({precision}, {scale}))"
+    elif inner == "DateTime64(6, 'UTC')" and source.avro == "string" and source.logical == ZONED_TIMESTAMP:
+        # Debezium's canonical text for timestamptz: 'YYYY-MM-DDTHH:MM:SS.ffffffZ'. Anything else
+        # (other offsets, fewer digits, invalid dates, out of range) is left to Python.
+        parsed = f"parseDateTime64BestEffortOrNull({x}, 6, 'UTC')"
+        value_checks.append(
+            f"NOT ifNull(length({x}) = 27 AND substring({x}, 11, 1) = 'T' AND endsWith({x}, 'Z') "
+            f"AND substring({x}, 1, 4) BETWEEN '1900' AND '2299' "
+            f"AND formatDateTime({parsed}, '%Y-%m-%dT%H:%i:%S.%fZ', 'UTC') = {x}, 0)"
+        )
+        expr = parsed
+    elif inner == "DateTime64(6, 'UTC')" and source.avro == "long" and source.logical in (MICRO_TIMESTAMP, TIMESTAMP):
+        micros = x if source.logical == MICRO_TIMESTAMP else f"({x} * 1000)"
+        value_checks.append(f"NOT ({micros} BETWEEN {DT64_MIN_US} AND {DT64_MAX_US})")
+        expr = f"fromUnixTimestamp64Micro({micros}, 'UTC')"
+    else:
+        raise Unsupported(f"{column.name}: {source.avro}/{source.logical} into {column.clickhouse_type}")
+    if source.optional and nullable:
+        expr = f"if(isNull({v}), NULL, {expr})"
+    if value_checks:
+        joined = " OR ".join(f"({c})" for c in value_checks)
+        # A NULL (legal only for a Nullable column, else caught above) has nothing to check.
+        checks.append(f"(isNotNull({v}) AND ({joined}))" if source.optional else joined)
+    return f"CAST({expr} AS {column.clickhouse_type})", checks
+
+
+def compile_plan(table: TableMapping, schema_id: int, writer: dict[str, Any], placeholder: str) -> ServerPlan:
+    """The staging table, view and container header for one fact table and writer schema.
+    Raises Unsupported when this combination must stay on the Python path."""
+    if table.role != "fact":
+        raise Unsupported(f"{table.table} is a {table.role} table")
+    envelope = _strip(writer)
+    if not isinstance(envelope, dict) or envelope.get("type") != "record":
+        raise Unsupported("the writer schema is not a record")
+    named: dict[str, Any] = {}
+    _collect_named(envelope, named)
+    record = _value_record(envelope, named)
+    fields = [_field(f["name"], f["type"], named) for f in record["fields"]]
+    by_name = {f.name: f for f in fields}
+    if table.extra_columns == "add" and set(by_name) - table.sources:
+        raise Unsupported("the schema has columns the mapping would add")
+    leaves = ", ".join(
+        f"{_quote(f.name)} {'Nullable(' + f.clickhouse + ')' if f.optional else f.clickhouse}" for f in fields
+    )
+    image = f"Tuple({leaves})"
+    selects, row_checks, before_checks = [], [], []
+    for column in table.columns:
+        expr, checks = _column_expression(column, by_name.get(column.source), placeholder)
+        selects.append(f"{expr} AS {_quote(column.name)}")
+        row_checks.extend(checks)
+    # consumer.mapping retracts an updated or deleted fact only from a complete before-image:
+    # a non-key column that is NULL or absent there sends the change to the dead-letter topic.
+    for column in table.columns:
+        if column.name in table.key:
+            continue
+        source = by_name.get(column.source)
+        if source is None:
+            before_checks.append("op IN ('u', 'd')")
+        elif source.optional:
+            before_checks.append(f"(op IN ('u', 'd') AND isNull(tupleElement(before, {_sql_string(source.name)})))")
+    names = [c.name for c in table.columns]
+    if {"_sign", "_topic", "_partition", "_offset"} & set(names):
+        raise Unsupported("a mapped column uses a bookkeeping name")
+    staging_columns = f"_k FixedString(8), _h FixedString(5), op String, before Nullable({image}), after Nullable({image}), _t FixedString(8)"
+    message_checks = (
+        "_t != _k OR _h != " + _sql_string_bytes(b"\x00" + schema_id.to_bytes(4, "big")) + " "
+        "OR op NOT IN ('c', 'u', 'd') OR (op != 'd' AND isNull(after)) OR (op IN ('u', 'd') AND isNull(before))"
+        + "".join(f" OR {c}" for c in before_checks)
+    )
+    row_check = " OR ".join(f"({c})" for c in row_checks) or "0"
+    digest_source = json.dumps([table.table, table.topic, schema_id, staging_columns, selects, row_check])
+    digest = hashlib.sha256(digest_source.encode()).hexdigest()[:12]
+    staging = f"_cdc_in_{table.table}_{digest}"
+    view = f"_cdc_mv_{table.table}_{digest}"
+    select = ",\n    ".join(
+        [
+            *selects,
+            "s AS _sign",
+            f"{_sql_string(table.topic)} AS _topic",
+            f"toUInt32(bitShiftRight(k, {OFFSET_BITS})) AS _partition",
+            f"bitAnd(k, {MAX_OFFSET}) AS _offset",
+        ]
+    )
+    ddl = (
+        f"CREATE TABLE IF NOT EXISTS {_quote(staging)} ({staging_columns}) ENGINE = Null",
+        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {_quote(view)} TO {_quote(table.table)} AS
+SELECT
+    {select}
+FROM
+(
+    SELECT
+        reinterpretAsUInt64(_k) AS k,
+        arrayJoin(multiIf(
+            op = 'c', [(assumeNotNull(after), toInt8(1))],
+            op = 'u', [(assumeNotNull(before), toInt8(-1)), (assumeNotNull(after), toInt8(1))],
+            op = 'd', [(assumeNotNull(before), toInt8(-1))],
+            [])) AS r,
+        r.1 AS img,
+        r.2 AS s
+    FROM {_quote(staging)}
+    WHERE throwIf({message_checks}, 'cdc: a change only the Python path may apply') = 0
+)
+WHERE throwIf({row_check}, 'cdc: a value only the Python path may convert') = 0""",
+    )
+    wrapper = dict(envelope)
+    wrapper["name"] = f"{envelope.get('name', 'Envelope')}_cdc_wrapped"
+    wrapper["fields"] = [
+        {"name": "_k", "type": {"type": "fixed", "name": "cdc_coordinates", "size": 8}},
+        {"name": "_h", "type": {"type": "fixed", "name": "cdc_confluent_header", "size": 5}},
+        *envelope["fields"],
+        {"name": "_t", "type": "cdc_coordinates"},
+    ]
+    schema_text = json.dumps(wrapper, separators=(",", ":"))
+    meta = (
+        _zz(2)
+        + _avro_string("avro.schema")
+        + _avro_string(schema_text)
+        + _avro_string("avro.codec")
+        + _avro_string("null")
+        + b"\x00"
+    )
+    return ServerPlan(table.table, table.topic, schema_id, staging, view, ddl, b"Obj\x01" + meta + SYNC)
+
+
+def _sql_string_bytes(b: bytes) -> str:
+    return "unhex('" + b.hex() + "')"
+
+
+# -- at run time ------------------------------------------------------------------------------
+
+server_fallbacks = Counter(
+    "cdc_server_decode_fallbacks_total",
+    "Batches ClickHouse refused to decode, applied through the Python path instead",
+    ["table"],
+)
+
+
+def for_sink(sink: Any, decoder: Any) -> ServerDecoder | None:
+    """The fast lane for this sink and decoder, when it applies: a ClickHouse server reached over
+    HTTP (the embedded chDB client is left on the Python path) and Avro through a registry."""
+    from clickhouse_connect.driver.httpclient import HttpClient
+
+    client = getattr(sink, "client", None)
+    if not isinstance(client, HttpClient) or getattr(decoder, "_registry", None) is None:
+        return None
+    return ServerDecoder(client, decoder.writer_schema, decoder.placeholder)
+
+
+class Rejected(Exception):
+    """ClickHouse answered the insert with its own error. Normally nothing was written (one block,
+    refused before the write); the pipeline checks the watermark before it takes the Python path."""
+
+
+class ServerDecoder:
+    """Plans per (table mapping, Confluent header), their DDL applied once, and the inserts."""
+
+    def __init__(self, client: Any, writer_schema, placeholder: str):
+        self.client = client
+        self.writer_schema = writer_schema  # schema id -> fastavro-parsed writer schema (may raise)
+        self.placeholder = placeholder
+        # (id(table mapping), header) -> (the mapping, kept alive so the id stays its own; plan)
+        self._plans: dict[tuple[int, bytes], tuple[TableMapping, ServerPlan | None]] = {}
+        self._retry_at: dict[tuple[int, bytes], float] = {}
+
+    def plan(self, table: TableMapping, header: bytes) -> ServerPlan | None:
+        """The plan for messages of `table` starting with `header`; None: use the Python path."""
+        key = (id(table), header)
+        cached = self._plans.get(key)
+        if cached is not None:
+            return cached[1]
+        if self._retry_at.get(key, 0.0) > time.monotonic():
+            return None
+        plan, permanent = self._compile(table, header)
+        if permanent:
+            self._plans[key] = (table, plan)
+        else:
+            self._retry_at[key] = time.monotonic() + RETRY_S
+        return plan
+
+    def _compile(self, table: TableMapping, header: bytes) -> tuple[ServerPlan | None, bool]:
+        if table.role != "fact" or len(header) != 5 or header[0] != 0:
+            return None, True
+        schema_id = int.from_bytes(header[1:5], "big")
+        try:
+            writer = self.writer_schema(schema_id)
+        except Exception as exc:  # unknown id, registry down: the Python path reports or retries it
+            log.debug("no writer schema %d for server-side decoding: %s", schema_id, exc)
+            return None, False
+        try:
+            plan = compile_plan(table, schema_id, writer, self.placeholder)
+        except Unsupported as exc:
+            log.info("%s, schema id %d: decoded in Python (%s)", table.table, schema_id, exc)
+            return None, True
+        try:
+            for statement in plan.ddl:
+                self.client.command(statement, settings={"async_insert": 0})
+        except Exception as exc:  # ClickHouse unavailable: try again later
+            log.warning("%s: cannot create %s (%s); decoding in Python for now", table.table, plan.staging, exc)
+            return None, False
+        log.info("%s, schema id %d: decoded by ClickHouse through %s", table.table, schema_id, plan.staging)
+        return plan, True
+
+    def insert(self, plan: ServerPlan, partition: int, offsets: list[int], values: list[bytes], token: str) -> int:
+        """One INSERT of the messages; returns the rows ClickHouse wrote (facts and views).
+        Raises Rejected when ClickHouse refused them, anything else when it could not be asked."""
+        from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+
+        payload = plan.payload(partition, offsets, values)
+        try:
+            summary = self.client.raw_insert(
+                plan.staging,
+                insert_block=payload,
+                fmt="Avro",
+                settings={**INSERT_SETTINGS, "insert_deduplication_token": token},
+            )
+        except DatabaseError as exc:
+            # The server's own exception (an exception code in its answer, first attempt): the
+            # insert failed as a whole. A connection problem or a retried request is ambiguous.
+            if not isinstance(exc, OperationalError) and getattr(exc, "code", None):
+                raise Rejected(str(exc).strip().splitlines()[0][:500]) from exc
+            raise
+        return int(summary.written_rows or 0)
