@@ -6,6 +6,6 @@ COPY clickhouse ./clickhouse
 COPY connectors ./connectors
 COPY postgres ./postgres
 RUN pip install --no-cache-dir .
-EXPOSE 19108
+EXPOSE 19108 19109
 ENTRYPOINT ["cdc-consumer"]
 CMD ["run"]

@@ -93,11 +93,26 @@ def pipeline_probes(pipeline, live_timeout_s: float = 300.0) -> tuple[Probe, Pro
     return live, ready
 
 
+def initialize_series(mapping) -> None:
+    """Label values known in advance get their series at 0 from the start (Prometheus practice):
+    `rate()` and alerts then see 0, not "no data", before the first retry or rebalance."""
+    from consumer import metrics
+
+    for table in mapping.tables:
+        for family in (metrics.rows_inserted, metrics.batch_rows, metrics.insert_seconds, metrics.insert_retries):
+            family.labels(table.table)
+        metrics.end_to_end_seconds.labels(table.table)
+        metrics.messages_skipped.labels(table.topic)
+    for kind in ("assign", "revoke", "lost"):
+        metrics.rebalances.labels(kind)
+
+
 def serve_operations(settings, pipeline) -> tuple[OperationsServer, object]:
     """For `cdc-consumer run`: the operations port and the lag gauges of the assigned partitions."""
     from consumer import metrics
     from consumer.lag import LagMonitor, LagReader
 
+    initialize_series(pipeline.mapping)
     live, ready = pipeline_probes(pipeline)
     server = OperationsServer(settings.metrics_port, live=live, ready=ready).start()
 

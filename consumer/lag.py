@@ -6,11 +6,12 @@ watermark, the lag in messages and in seconds.
   *position*, which is past such markers, so a caught-up group has a lag of exactly 0. A group that
   never committed a partition starts at its first offset (`auto.offset.reset=earliest`): its lag is
   high watermark − log start.
-* **lag (seconds)** = now − the Postgres commit time (`source.ts_ms`) of the last change the group
-  committed, and 0 when caught up: how stale ClickHouse is. The change is read back from Kafka
-  (the last data record below the committed offset, markers and tombstones skipped) and decoded;
-  where it cannot be decoded, the Kafka record timestamp stands in. With nothing committed yet it
-  is the age of the oldest change still to read.
+* **lag (seconds)** = now − the Postgres commit time (`source.ts_ms`) of the oldest change not yet
+  committed, i.e. of the first data record at the committed offset (markers and tombstones
+  skipped), and 0 when caught up: since when ClickHouse misses changes of this partition. The
+  record is read from Kafka and decoded; where it cannot be, its Kafka timestamp stands in.
+  (Not "now − the last committed change": on a partition with one change an hour, a consumer
+  stopped for a second would show an hour of lag. On a busy partition the two are the same.)
 
 Everything comes from the brokers, so the numbers are right whether or not a consumer runs, for
 partitions without traffic (caught up: 0 and 0) and right after a rebalance (the committed
@@ -36,8 +37,6 @@ from consumer.source import Partition
 
 log = logging.getLogger(__name__)
 
-READ_BACK = (64, 2048)  # how far below the committed offset to look for the last data record
-
 
 @dataclass
 class PartitionLag:
@@ -48,7 +47,7 @@ class PartitionLag:
     high_watermark: int
     lag: int  # messages
     lag_seconds: float
-    last_change_ms: int | None  # Postgres commit time of the last committed change (or None)
+    oldest_pending_ms: int | None  # Postgres commit time of the oldest change not yet committed
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -64,7 +63,7 @@ class LagReader:
         self.timeout = timeout
         self.admin = AdminClient({"bootstrap.servers": bootstrap})
         self._probe: Consumer | None = None
-        self._change_ms: dict[tuple[Partition, int, bool], int | None] = {}
+        self._change_ms: dict[tuple[Partition, int], int | None] = {}
 
     def close(self) -> None:
         if self._probe is not None:
@@ -113,33 +112,21 @@ class LagReader:
             lag = max(high - position, 0)
             change_ms, seconds = None, 0.0
             if lag:
-                if position > low:
-                    change_ms = self.change_time_ms(partition, position, low)
-                if change_ms is None:  # nothing applied yet: the age of the oldest change to read
-                    change_ms = self.change_time_ms(partition, high, position, first=True)
+                # Only markers (or an open transaction) past the committed offset: nothing to wait for.
+                change_ms = self.pending_since_ms(partition, position, high)
                 seconds = max(0.0, now - change_ms / 1000) if change_ms is not None else 0.0
             result.append(PartitionLag(*partition, done, low, high, lag, round(seconds, 3), change_ms))
         return result
 
-    def change_time_ms(self, partition: Partition, below: int, low: int, first: bool = False) -> int | None:
-        """The commit time of the last data record below `below` (or, `first`, of the first one at
-        or above `low`), cached: a partition's committed offset changes far less often than we ask."""
-        key = (partition, low if first else below, first)
-        if key not in self._change_ms:
-            if first:
-                records = self._read(partition, low, below, limit=1)
-                self._change_ms[key] = self._commit_ms(records[0]) if records else None
-            else:
-                self._change_ms[key] = None
-                for back in READ_BACK:
-                    records = self._read(partition, max(low, below - back), below)
-                    if records:
-                        self._change_ms[key] = self._commit_ms(records[-1])
-                        break
-                    if below - back <= low:
-                        break
+    def pending_since_ms(self, partition: Partition, position: int, high: int) -> int | None:
+        """The commit time of the first data record in [position, high), cached per position: a
+        stopped group asks about the same offset over and over."""
+        key = (partition, position)
+        if self._change_ms.get(key) is None:  # not known yet (an open transaction may commit later)
             if len(self._change_ms) > 10_000:
                 self._change_ms.clear()
+            records = self._read(partition, position, high, limit=1)
+            self._change_ms[key] = self._commit_ms(records[0]) if records else None
         return self._change_ms[key]
 
     def _commit_ms(self, message) -> int | None:
@@ -275,7 +262,7 @@ def serve_exporter(bootstrap: str, group_id: str, topics: list[str], port: int, 
     )
     lag_seconds = Gauge(
         "cdc_consumer_lag_seconds",
-        "Now minus the Postgres commit time of the last committed change (0 when caught up)",
+        "Now minus the Postgres commit time of the oldest change not yet committed (0 when caught up)",
         labels,
         registry=registry,
     )

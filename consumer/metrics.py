@@ -35,6 +35,6 @@ last_insert_timestamp = Gauge("cdc_last_successful_insert_timestamp_seconds", "U
 lag_messages = Gauge("cdc_consumer_lag_messages", "High watermark minus committed offset", ["topic", "partition"])
 lag_seconds = Gauge(
     "cdc_consumer_lag_seconds",
-    "Now minus the Postgres commit time of the last committed change (0 when caught up)",
+    "Now minus the Postgres commit time of the oldest change not yet committed (0 when caught up)",
     ["topic", "partition"],
 )

@@ -528,6 +528,9 @@ global:
   - job_name: cdc-consumer
     static_configs:
       - targets: ["{HOST}:{self.layout.ports.metrics_port}"]
+  - job_name: cdc-lag-exporter
+    static_configs:
+      - targets: ["{HOST}:{self.layout.ports.lag_exporter_port}"]
 """)
         return path
 

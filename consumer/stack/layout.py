@@ -32,6 +32,7 @@ class StackPorts(BaseSettings):
     clickhouse_tcp_port: int = Field(19000, ge=1, le=65535)
     prometheus_port: int = Field(19090, ge=1, le=65535)
     metrics_port: int = Field(19108, ge=1, le=65535)
+    lag_exporter_port: int = Field(19109, ge=1, le=65535)  # `cdc-consumer lag --serve`, when one runs
 
 
 @dataclass(frozen=True)

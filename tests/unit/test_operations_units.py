@@ -96,7 +96,7 @@ class FakeSink:
     def applied_in_ranges(self, table, topic, ranges):
         return {0: AppliedOffsets(list(self.present))}
 
-    def insert(self, table, column_names, rows, token):
+    def insert(self, table, column_names, rows, token, *args, **kwargs):
         index = column_names.index("_offset")
         self.inserted.extend(row[index] for row in rows)
         self.tokens.append(token)
@@ -106,6 +106,9 @@ class FakeSink:
 
 
 class FakeEvent:
+    op = "c"
+    snapshot = False
+    lsn = 1
     commit_ts_ms = 1_800_000_000_000
 
 
