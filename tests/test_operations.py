@@ -346,3 +346,28 @@ def test_move_group_is_refused_while_a_member_is_active_and_replays_once_stopped
     assert report["completed"] and report["mode"] == "move-group" and report["group"] == target.group_id
     assert lag_json(target)["total_lag"] == 0, "the group stays at the bound: the service resumes there"
     assert_matches_postgres(stack, target)
+
+
+def test_service_units_run_the_commands_and_ports_of_the_stack() -> None:
+    import configparser
+
+    import yaml
+
+    from consumer.cli import build_parser
+    from consumer.stack.layout import StackPorts
+
+    def unit(name: str) -> configparser.ConfigParser:
+        parser = configparser.ConfigParser(strict=False, interpolation=None)
+        parser.optionxform = str
+        parser.read(REPO_ROOT / "deploy" / name)
+        return parser
+
+    consumer = unit("cdc-consumer.service")["Service"]
+    assert consumer["ExecStart"].split()[1:] == ["run"]
+    assert consumer["KillSignal"] == "SIGTERM" and int(consumer["TimeoutStopSec"]) >= 60
+    assert consumer["Restart"] == "always"
+    exporter = unit("cdc-lag-exporter.service")["Service"]["ExecStart"].split()[1:]
+    assert exporter == ["lag", "--serve", str(StackPorts().lag_exporter_port)]
+    build_parser().parse_args(exporter)  # a command the CLI knows
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]
+    assert compose["lag-exporter"]["command"] == exporter
