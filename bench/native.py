@@ -1,0 +1,176 @@
+"""Phase 3: ClickHouse's own Avro ingest of the same messages, the yardstick.
+
+The benchmark's topics are read from Kafka once (not measured), then each topic's message values
+go to ClickHouse as ONE stream, `INSERT INTO <staging> FORMAT AvroConfluent` with
+`format_avro_schema_registry_url` (ClickHouse fetches the writer schemas itself). The staging
+tables are `ENGINE = Null` with one materialized view each that maps the Debezium envelope onto
+the same star-schema tables (migrations of clickhouse/): facts as signed rows (+1 after-image,
+-1 before-image), dimensions as versioned rows (`_version` from the LSN, deletes marked). That is
+the plain SQL a ClickHouse-only pipeline would run: no validation, no Kafka coordinates (0), no
+unchanged-TOAST resolution (the placeholder is written as it comes). Measured: the ClickHouse
+server's CPU seconds (/proc) and wall time of the inserts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import requests
+
+from bench import procstat
+from consumer.mapping import Mapping, TableMapping
+from consumer.migrate import apply_migrations
+from consumer.server_decode import _collect_named, _field, _quote, _strip, _target, _value_record
+
+
+def _tuple(fields) -> str:
+    return (
+        "Tuple("
+        + ", ".join(
+            f"{_quote(f.name)} {'Nullable(' + f.clickhouse + ')' if f.optional else f.clickhouse}" for f in fields
+        )
+        + ")"
+    )
+
+
+def _convert(column, img: str) -> str:
+    inner, _nullable = _target(column.clickhouse_type)
+    v = f"{img}.{_quote(column.source)}"
+    if inner.startswith("DateTime64"):
+        return f"parseDateTime64BestEffortOrZero({v}, 6, 'UTC')"
+    return f"CAST({v} AS {column.clickhouse_type})"
+
+
+def native_ddl(table: TableMapping, writer: dict[str, Any]) -> tuple[str, list[str]]:
+    """(staging table name, DDL) for one topic: a Null table and its view into `table`."""
+    envelope = _strip(writer)
+    named: dict[str, Any] = {}
+    _collect_named(envelope, named)
+    record = _value_record(envelope, named)
+    image = _tuple([_field(f["name"], f["type"], named) for f in record["fields"]])
+    source_node = next(f for f in envelope["fields"] if f["name"] == "source")["type"]
+    source_node = named.get(source_node, source_node) if isinstance(source_node, str) else source_node
+    source = _tuple([_field(f["name"], f["type"], named) for f in source_node["fields"]])
+    staging = f"native_in_{table.table}"
+    ddl = [
+        f"CREATE TABLE {staging} (op String, before Nullable({image}), after Nullable({image}), "
+        f"source {source}) ENGINE = Null"
+    ]
+    if table.role == "fact":
+        columns = ",\n    ".join(f"{_convert(c, 'img')} AS {_quote(c.name)}" for c in table.columns)
+        ddl.append(
+            f"""CREATE MATERIALIZED VIEW native_mv_{table.table} TO {table.table} AS
+SELECT
+    {columns},
+    s AS _sign, {_sql(table.topic)} AS _topic, toUInt32(0) AS _partition, toUInt64(0) AS _offset
+FROM
+(
+    SELECT arrayJoin(multiIf(
+            op IN ('c', 'r'), [(assumeNotNull(after), toInt8(1))],
+            op = 'u', [(assumeNotNull(before), toInt8(-1)), (assumeNotNull(after), toInt8(1))],
+            op = 'd', [(assumeNotNull(before), toInt8(-1))],
+            [])) AS r, r.1 AS img, r.2 AS s
+    FROM {staging}
+)"""
+        )
+    else:
+        key = set(table.key)
+        columns = ",\n    ".join(
+            f"{_convert(c, 'img')} AS {_quote(c.name)}"
+            if c.name in key
+            else f"if(op = 'd', defaultValueOfArgumentType({_convert(c, 'img')}), {_convert(c, 'img')}) "
+            f"AS {_quote(c.name)}"
+            for c in table.columns
+        )
+        ddl.append(
+            f"""CREATE MATERIALIZED VIEW native_mv_{table.table} TO {table.table} AS
+SELECT
+    {columns},
+    bitShiftLeft(toUInt128(ifNull(source.lsn, 0)), 64) AS _version,
+    toUInt8(op = 'd') AS _is_deleted,
+    {_sql(table.topic)} AS _topic, toUInt32(0) AS _partition, toUInt64(0) AS _offset
+FROM (SELECT *, if(op = 'd', assumeNotNull(before), assumeNotNull(after)) AS img FROM {staging})
+WHERE op IN ('c', 'r', 'u', 'd')"""
+        )
+    return staging, ddl
+
+
+def _sql(s: str) -> str:
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def run_native(
+    *,
+    ch_client,
+    clickhouse_url: str,
+    database: str,
+    registry_url: str,
+    mapping: Mapping,
+    writer_schemas: dict[str, dict],
+    messages_by_topic: dict[str, list[bytes]],
+    events: int,
+    clickhouse_pid: int | None,
+    progress=print,
+) -> dict:
+    ch_client.command(f"DROP DATABASE IF EXISTS {database}")
+    ch_client.command(f"CREATE DATABASE {database}")
+    import clickhouse_connect
+
+    db = clickhouse_connect.get_client(dsn=f"{clickhouse_url}/{database}", send_receive_timeout=600)
+    apply_migrations(db)
+    stagings = {}
+    for table in mapping.tables:
+        staging, ddl = native_ddl(table, writer_schemas[table.topic])
+        for statement in ddl:
+            db.command(statement)
+        stagings[table.topic] = staging
+    idle = procstat.idle_cpu_rate(clickhouse_pid) if clickhouse_pid else 0.0
+    per_topic = {}
+    cpu_total = wall_total = 0.0
+    for topic, values in messages_by_topic.items():
+        body = b"".join(values)
+        cpu0 = procstat.cpu_seconds(clickhouse_pid) if clickhouse_pid else 0.0
+        started = time.monotonic()
+        response = requests.post(
+            clickhouse_url,
+            params={
+                "query": f"INSERT INTO {stagings[topic]} FORMAT AvroConfluent",
+                "database": database,
+                "format_avro_schema_registry_url": registry_url,
+                "async_insert": "0",
+            },
+            data=body,
+            timeout=1800,
+        )
+        wall = time.monotonic() - started
+        cpu = (procstat.cpu_seconds(clickhouse_pid) - cpu0 - idle * wall) if clickhouse_pid else 0.0
+        if response.status_code != 200:
+            raise RuntimeError(f"native insert into {stagings[topic]} failed: {response.text[:2000]}")
+        per_topic[topic] = {
+            "messages": len(values),
+            "bytes": len(body),
+            "wall_s": round(wall, 3),
+            "cpu_s": round(cpu, 3),
+        }
+        cpu_total += max(cpu, 0.0)
+        wall_total += wall
+        progress(f"  {topic}: {len(values):,} messages in {wall:.2f}s, ClickHouse {cpu:.2f} CPU-s")
+    counts = {
+        t.table: int(
+            db.query(f"SELECT {'sum(_sign)' if t.role == 'fact' else 'count()'} FROM {t.table}").result_rows[0][0]
+        )
+        for t in mapping.tables
+    }
+    return {
+        "database": database,
+        "events": events,
+        "wall_s": round(wall_total, 3),
+        "events_per_s": round(events / wall_total, 1) if wall_total else None,
+        "clickhouse_cpu_s": round(cpu_total, 3),
+        "clickhouse_idle_cpu_per_s": round(idle, 4),
+        "cpu_s_per_million": round(cpu_total * 1e6 / events, 3),
+        "events_per_cpu_s": round(events / cpu_total, 1) if cpu_total else None,
+        "per_topic": per_topic,
+        "rows": counts,
+    }

@@ -1,0 +1,174 @@
+"""Phase 2: our consumer (`python -m consumer.cli run`, a real process) from start to caught up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import procstat
+from bench.kafka_util import GroupProgress, Partition
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def metric_sum(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@dataclass
+class ConsumerProcess:
+    proc: subprocess.Popen
+    log: Path
+    metrics_port: int
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+
+def start_consumer(env: dict[str, str], log: Path) -> ConsumerProcess:
+    port = free_port()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "consumer.cli", "run"],
+            env={**os.environ, **env, "CDC_METRICS_PORT": str(port)},
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return ConsumerProcess(proc, log, port)
+
+
+def wait_started(consumer: ConsumerProcess, timeout: float = 120) -> float:
+    """Seconds until the consumer has consumed its first message (imports, migrations, group join)."""
+    began = time.monotonic()
+    while time.monotonic() - began < timeout:
+        if consumer.proc.poll() is not None:
+            raise RuntimeError(f"consumer exited with {consumer.proc.returncode}:\n{consumer.tail()}")
+        try:
+            if metric_sum(scrape(consumer.metrics_port), "cdc_messages_consumed_total") > 0:
+                return time.monotonic() - began
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"consumer consumed nothing within {timeout}s:\n{consumer.tail()}")
+
+
+def wait_caught_up(
+    consumer: ConsumerProcess, progress: GroupProgress, ends: dict[Partition, int], timeout: float, interval=0.25
+) -> float:
+    began = time.monotonic()
+    lag = -1
+    while time.monotonic() - began < timeout:
+        if consumer.proc.poll() is not None:
+            raise RuntimeError(f"consumer exited with {consumer.proc.returncode}:\n{consumer.tail()}")
+        lag = progress.lag(ends)
+        if lag == 0:
+            return time.monotonic()
+        time.sleep(interval)
+    raise RuntimeError(f"consumer not caught up after {timeout}s (lag {lag}):\n{consumer.tail()}")
+
+
+def run_ours(
+    *,
+    env: dict[str, str],
+    bootstrap: str,
+    group_id: str,
+    ends: dict[Partition, int],
+    clickhouse_pid: int | None,
+    events: int,
+    log: Path,
+    timeout: float,
+    progress=print,
+) -> dict:
+    """Start the consumer on fresh topics, wait for group lag 0; CPU of both processes from /proc."""
+    ch_idle = procstat.idle_cpu_rate(clickhouse_pid) if clickhouse_pid else 0.0
+    ch_cpu0 = procstat.cpu_seconds(clickhouse_pid) if clickhouse_pid else 0.0
+    group = GroupProgress(bootstrap, group_id, list(ends))
+    spawned = time.monotonic()
+    consumer = start_consumer(env, log)
+    sampler = procstat.Sampler(consumer.pid, interval=0.5).start()
+    try:
+        startup_s = wait_started(consumer)
+        startup_cpu = procstat.cpu_seconds(consumer.pid)
+        started = spawned + startup_s
+        progress(f"  consumer pid {consumer.pid} consuming after {startup_s:.1f}s")
+        done = wait_caught_up(consumer, group, ends, timeout)
+        consumer_cpu = procstat.cpu_seconds(consumer.pid)
+        ch_cpu1 = procstat.cpu_seconds(clickhouse_pid) if clickhouse_pid else 0.0
+        sampler.stop()
+        peak = max(sampler.peak_rss, procstat.peak_rss_bytes(consumer.pid))
+        inserts = rows = 0.0
+        try:
+            text = scrape(consumer.metrics_port)
+            inserts = metric_sum(text, "cdc_insert_duration_seconds_count")
+            rows = metric_sum(text, "cdc_rows_inserted_total")
+        except OSError:
+            pass
+    finally:
+        sampler.stop()
+        code = consumer.stop()
+        group.close()
+    if code not in (0, None):
+        raise RuntimeError(f"consumer exited with {code}:\n{consumer.tail()}")
+    ingest_s = done - started
+    ch_cpu = max(0.0, ch_cpu1 - ch_cpu0 - ch_idle * (done - spawned)) if clickhouse_pid else None
+    per_million = 1e6 / events
+    # Start-up (interpreter, imports, migrations, group join) is reported apart: per-million
+    # figures are for the ingest itself.
+    consumer_cpu -= startup_cpu
+    return {
+        "events": events,
+        "wall_s": round(done - spawned, 3),
+        "startup_s": round(startup_s, 3),
+        "ingest_wall_s": round(ingest_s, 3),
+        "events_per_s": round(events / ingest_s, 1),
+        "consumer_cpu_s": round(consumer_cpu, 3),
+        "consumer_startup_cpu_s": round(startup_cpu, 3),
+        "clickhouse_cpu_s": None if ch_cpu is None else round(ch_cpu, 3),
+        "clickhouse_idle_cpu_per_s": round(ch_idle, 4),
+        "consumer_cpu_s_per_million": round(consumer_cpu * per_million, 3),
+        "clickhouse_cpu_s_per_million": None if ch_cpu is None else round(ch_cpu * per_million, 3),
+        "total_cpu_s_per_million": None if ch_cpu is None else round((consumer_cpu + ch_cpu) * per_million, 3),
+        "events_per_cpu_s": None if ch_cpu is None else round(events / (consumer_cpu + ch_cpu), 1),
+        "peak_rss_mib": round(peak / 2**20, 1),
+        "memory": procstat.memory_trend(sampler.samples, skip_s=2.0),
+        "inserts": int(inserts),
+        "rows_inserted": int(rows),
+    }
