@@ -202,3 +202,31 @@ def test_operations_port_serves_metrics_and_probes() -> None:
         assert error.value.code == 503
     finally:
         server.stop()
+
+
+def test_lag_monitor_reports_assigned_partitions_and_drops_the_ones_it_lost() -> None:
+    from prometheus_client import CollectorRegistry, Gauge
+
+    from consumer.lag import LagMonitor, PartitionLag
+
+    registry = CollectorRegistry()
+    messages = Gauge("lag_messages", "", ["topic", "partition"], registry=registry)
+    seconds = Gauge("lag_seconds", "", ["topic", "partition"], registry=registry)
+
+    class Reader:
+        timeout = 1
+
+        def read(self, partitions):
+            return [PartitionLag(t, p, 5, 0, 5 + p, p, float(p), None) for t, p in partitions]
+
+        def close(self):
+            pass
+
+    assigned = [(TOPIC, 0), (TOPIC, 1), (TOPIC, 2)]
+    monitor = LagMonitor(Reader(), lambda: list(assigned), messages, seconds)
+    monitor.update()
+    assert registry.get_sample_value("lag_messages", {"topic": TOPIC, "partition": "2"}) == 2
+    assigned.remove((TOPIC, 2))  # a rebalance gave partition 2 to another member: its series goes
+    monitor.update()
+    assert registry.get_sample_value("lag_messages", {"topic": TOPIC, "partition": "2"}) is None
+    assert registry.get_sample_value("lag_seconds", {"topic": TOPIC, "partition": "1"}) == 1.0
