@@ -32,7 +32,12 @@ def build_pipeline(settings: Settings, topics: list[str] | None = None, bounds: 
         log.info("applied ClickHouse migrations: %s", ", ".join(applied))
     registry = SchemaRegistry(settings.schema_registry_url) if settings.schema_registry_url else None
     source_config = SourceConfig(
-        bootstrap=settings.kafka_bootstrap, group_id=settings.group_id, topics=topics or mapping.topics
+        bootstrap=settings.kafka_bootstrap,
+        group_id=settings.group_id,
+        topics=topics or mapping.topics,
+        session_timeout_ms=settings.session_timeout_ms,
+        # A bounded replay runs as a group of its own, never as the live member's instance.
+        group_instance_id=settings.group_instance_id if bounds is None else None,
     )
     return Pipeline(
         source_factory=lambda *callbacks: KafkaSource(source_config, *callbacks),

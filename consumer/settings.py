@@ -36,6 +36,11 @@ class Settings(BaseSettings):
 
     # The consumer (`cdc-consumer run`)
     group_id: str = "cdc-consumer"
+    # Static group membership (Kafka's group.instance.id), e.g. the pod or host name: a member that
+    # restarts within the session timeout gets its partitions back at once, without a rebalance —
+    # after a crash, a dynamic member's partitions wait for the session timeout instead.
+    group_instance_id: str | None = None
+    session_timeout_ms: int = Field(45_000, ge=1_000)
     topic_prefix: str = "adtech"
     mapping_file: Path | None = None
     dlq_topic: str = "cdc-consumer.dlq"

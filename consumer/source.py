@@ -32,6 +32,7 @@ class SourceConfig:
     topics: list[str]
     client_id: str = "cdc-consumer"
     session_timeout_ms: int = 45_000
+    group_instance_id: str | None = None  # static membership
     max_poll_interval_ms: int = 300_000
     auto_offset_reset: str = "earliest"
     extra: tuple[tuple[str, str], ...] = ()
@@ -63,6 +64,7 @@ class KafkaSource:
                 "session.timeout.ms": config.session_timeout_ms,
                 "max.poll.interval.ms": config.max_poll_interval_ms,
                 "enable.partition.eof": False,
+                **({"group.instance.id": config.group_instance_id} if config.group_instance_id else {}),
                 **dict(config.extra),
             }
         )
