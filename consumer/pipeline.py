@@ -42,6 +42,10 @@ class PartitionState:
     retry_at: float = 0.0
     failures: int = 0
     committed: int = -1
+    # Held back by a registry outage (or a schema change waiting for ClickHouse) until a message of
+    # this partition goes through: for readiness, which a pause alone does not show, since every
+    # retry resumes the partition until its message fails again.
+    blocked: bool = False
     # Bounded runs (replay): offsets inside the range whose rows ClickHouse already holds.
     applied: AppliedOffsets = field(default_factory=AppliedOffsets)
     # Counted per message, handed to Prometheus once per step (a labelled inc costs ~1 µs).
@@ -260,6 +264,7 @@ class Pipeline:
             log.warning("cannot apply %s[%d]@%d yet (%s); pausing the partition", *partition, offset, exc)
             self.source.seek(partition, offset)
             self._pause(partition, state)
+            state.blocked = True
             return False
         except (DecodeError, MappingError) as exc:
             metrics.dead_lettered.labels(exc.error_class).inc()
@@ -273,7 +278,9 @@ class Pipeline:
                 reason=str(exc),
             )
             state.batch.skip(offset)
+            state.blocked = False
             return True
+        state.blocked = False
         state.batch.add(offset, rows, size, event.commit_ts_ms if event else None)
         return True
 
@@ -492,8 +499,9 @@ class Pipeline:
 
     @property
     def ready(self) -> bool:
-        """For the readiness probe: false while partitions are held back by errors."""
-        return not self.paused
+        """For the readiness probe: false while partitions are held back by errors (also between
+        two retries, while a partition is resumed to try again)."""
+        return not self.paused and not any(s.blocked or s.failures for s in list(self.partitions.values()))
 
 
 LATENCY_SAMPLES = 256

@@ -1,0 +1,62 @@
+"""Readiness while a partition retries: /readyz must stay 503 for the whole outage, not only
+while the partition happens to be paused between two attempts."""
+
+from __future__ import annotations
+
+from consumer.dlq import DeadLetterQueue
+from consumer.mapping import load_mapping
+from consumer.pipeline import Pipeline, PipelineConfig
+from consumer.registry import RegistryUnavailable
+from tests.unit.test_operations_units import FakeEvent, FakeSink, FakeSource
+
+
+class FlakyRegistryDecoder:
+    """Raises RegistryUnavailable `outage` times, then decodes."""
+
+    def __init__(self, outage: int):
+        self.outage = outage
+
+    def decode(self, value):
+        if self.outage:
+            self.outage -= 1
+            raise RegistryUnavailable("schema registry unreachable")
+        return FakeEvent()
+
+
+def pipeline_with(decoder) -> tuple[Pipeline, FakeSource]:
+    source = FakeSource(end=5)
+
+    def factory(on_assign, on_revoke, on_lost):
+        source.assign_cb = on_assign
+        return source
+
+    dlq = DeadLetterQueue.__new__(DeadLetterQueue)
+    dlq.flush = dlq.close = lambda *a, **k: None
+    pipeline = Pipeline(
+        source_factory=factory,
+        decoder=decoder,
+        mapping=load_mapping(),
+        sink=FakeSink(),
+        dlq=dlq,
+        config=PipelineConfig(poll_timeout_s=0, retry_base_s=0),  # resume at the next step
+    )
+    pipeline.mapper.rows = lambda table, event, tiebreak: [tuple(None for _ in table.column_names)]
+    source.start()
+    return pipeline, source
+
+
+def test_not_ready_for_the_whole_registry_outage_then_ready() -> None:
+    pipeline, source = pipeline_with(FlakyRegistryDecoder(outage=4))
+    assert pipeline.ready
+    seen = []
+    for _ in range(4):
+        pipeline.step()
+        seen.append((pipeline.ready, bool(pipeline.paused)))
+    # Each step resumes the partition to retry (so it is not paused at the end of the step) ...
+    assert not any(paused for _, paused in seen)
+    # ... but it is held back all the same: not ready.
+    assert not any(ready for ready, _ in seen), seen
+    pipeline.step()  # the registry answers: the messages go through
+    pipeline.step()
+    assert pipeline.ready
+    assert source.next == 5
