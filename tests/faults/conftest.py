@@ -1,0 +1,69 @@
+"""The fault suite (marker `faults`): faults injected into the real stack under traffic, and bad
+input between good messages; every scenario ends with ClickHouse compared to Postgres.
+
+`CDC_FAULTS_SCALE=ci` (the default, what CI runs) uses reduced counts and durations;
+`CDC_FAULTS_SCALE=full` the documented ones (20 kills, ClickHouse down for 60 s, ...). At the end
+the suite prints its table — scenario, events, lost, double-counted, dead-lettered, recovery time
+— and writes it to tests/faults/results.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.faults.helpers import RESULTS, SCALE
+
+RESULTS_FILE = Path(__file__).with_name("results.md")
+HEADER = ("scenario", "events", "lost", "double-counted", "dead-lettered", "recovery (s)", "result", "notes")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def results_table() -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for r in RESULTS:
+        cells = (
+            r.scenario,
+            r.events,
+            r.lost,
+            r.double_counted,
+            r.dead_lettered,
+            r.recovery_s,
+            "ok" if r.ok else "FAILED",
+            r.note,
+        )
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The fault scenarios run last: they add a lot of traffic to the shared topics, which every
+    later end-to-end test would otherwise have to read again from the beginning."""
+    here = Path(__file__).parent
+    faults = [i for i in items if here in Path(str(i.path)).parents]
+    if faults and len(faults) != len(items):
+        others = [i for i in items if i not in faults]
+        items[:] = others + faults
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if not RESULTS:
+        return
+    table = results_table()
+    terminalreporter.write_sep("=", f"fault suite (CDC_FAULTS_SCALE={SCALE})")
+    terminalreporter.write_line(table)
+    RESULTS_FILE.write_text(
+        f"# Fault suite results (CDC_FAULTS_SCALE={SCALE})\n\n"
+        "Written by `pytest -m faults` (tests/faults). Recovery: seconds from the end of the fault until a\n"
+        "change committed in Postgres at that moment is queryable in ClickHouse.\n\n" + table + "\n"
+    )
