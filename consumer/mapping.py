@@ -162,6 +162,13 @@ class TableMapping:
     # What to do with source columns the mapping does not name: "ignore" them (logged once), or
     # "add" them to the ClickHouse table as Nullable columns of the type their values have.
     extra_columns: Literal["ignore", "add"] = "ignore"
+    # The Postgres table whose changes the topic carries (Debezium's `source.table`); "" means the
+    # topic name's last part, as Debezium names topics `<prefix>.<schema>.<table>`.
+    source_table: str = ""
+
+    @property
+    def expected_table(self) -> str:
+        return self.source_table or self.topic.rsplit(".", 1)[-1]
 
     @property
     def sources(self) -> set[str]:
@@ -227,7 +234,8 @@ def load_mapping(path: Path | None = None, topic_prefix: str = "adtech") -> Mapp
         if extra not in ("ignore", "add"):
             raise ValueError(f"{where}: extra_columns must be 'ignore' or 'add', not {extra!r}")
         topic = spec["topic"].format(prefix=topic_prefix)
-        tables.append(TableMapping(table, topic, spec["role"], key, tuple(columns), extra))
+        source_table = spec.get("source_table", "")
+        tables.append(TableMapping(table, topic, spec["role"], key, tuple(columns), extra, source_table))
     topics = [t.topic for t in tables]
     if len(set(topics)) != len(topics):
         raise ValueError(f"mapping {path}: a topic is mapped to more than one table")
@@ -280,6 +288,16 @@ class Mapper:
         self._ignored: set[tuple[str, str]] = set()
 
     def rows(self, table: TableMapping, event: ChangeEvent, tiebreak: int) -> list[tuple]:
+        if event.table != table.expected_table:
+            # A valid change of another table (its writer schema, its source.table) in this topic:
+            # its columns may well fit (a click has every column of an impression), so it must
+            # not be applied here.
+            raise MappingError(
+                "table_mismatch",
+                f"a change of table {event.table!r} in topic {table.topic}, which carries table "
+                f"{table.expected_table!r} (mapped to {table.table}); set `source_table` in the mapping "
+                "if a router renamed the topic",
+            )
         if event.op == "t":
             if self.truncate_action == "skip":
                 log.warning("TRUNCATE of %s skipped (truncate_action=skip)", event.table)

@@ -304,6 +304,12 @@ def compile_plan(table: TableMapping, schema_id: int, writer: dict[str, Any], pl
     envelope = _strip(writer)
     if not isinstance(envelope, dict) or envelope.get("type") != "record":
         raise Unsupported("the writer schema is not a record")
+    # Debezium names the envelope `<prefix>.<schema>.<table>.Envelope`: a writer schema of another
+    # table (a message produced into the wrong topic) is left to the Python path, which dead-letters
+    # it (consumer.mapping: table_mismatch) instead of mapping its columns onto this table's.
+    written_for = str(envelope.get("name", "")).rsplit(".", 2)
+    if len(written_for) != 3 or written_for[1] != table.expected_table:
+        raise Unsupported(f"writer schema {envelope.get('name')!r} is not of table {table.expected_table!r}")
     named: dict[str, Any] = {}
     _collect_named(envelope, named)
     record = _value_record(envelope, named)
