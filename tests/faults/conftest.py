@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.helpers import RESULTS, SCALE
+from tests.faults.helpers import BAD_INPUT, RESULTS, SCALE
 
 RESULTS_FILE = Path(__file__).with_name("results.md")
 HEADER = ("scenario", "events", "lost", "double-counted", "dead-lettered", "recovery (s)", "result", "notes")
@@ -46,6 +46,14 @@ def results_table() -> str:
     return "\n".join(lines)
 
 
+def bad_input_table() -> str:
+    lines = ["| bad input | outcome | cdc.error.message (or behaviour) |", "|---|---|---|"]
+    for kind, outcome, reason in BAD_INPUT:
+        reason = reason.replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {kind} | {outcome} | {reason[:150]}{'…' if len(reason) > 150 else ''} |")
+    return "\n".join(lines)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The fault scenarios run last: they add a lot of traffic to the shared topics, which every
     later end-to-end test would otherwise have to read again from the beginning."""
@@ -62,8 +70,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     table = results_table()
     terminalreporter.write_sep("=", f"fault suite (CDC_FAULTS_SCALE={SCALE})")
     terminalreporter.write_line(table)
-    RESULTS_FILE.write_text(
+    text = (
         f"# Fault suite results (CDC_FAULTS_SCALE={SCALE})\n\n"
         "Written by `pytest -m faults` (tests/faults). Recovery: seconds from the end of the fault until a\n"
         "change committed in Postgres at that moment is queryable in ClickHouse.\n\n" + table + "\n"
     )
+    if BAD_INPUT:
+        details = bad_input_table()
+        terminalreporter.write_line("")
+        terminalreporter.write_line(details)
+        text += "\n" + details + "\n"
+    RESULTS_FILE.write_text(text)

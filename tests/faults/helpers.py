@@ -52,6 +52,8 @@ class Result:
 
 
 RESULTS: list[Result] = []
+# The bad-input scenario's detail: (kind of input, outcome, the reason / behaviour seen).
+BAD_INPUT: list[tuple[str, str, str]] = []
 
 
 # -- traffic ---------------------------------------------------------------------------------
@@ -236,14 +238,18 @@ class Outcome:
     totals: dict = field(default_factory=dict)
 
 
-def settle_and_check(stack, target, result: Result, *, process=None, timeout: float = 300) -> Outcome:
-    """Traffic has stopped: wait until Debezium emitted everything (the probe) and the group is
-    caught up, then compare ClickHouse with Postgres and record the figures. Records the result
-    before asserting, so a failing scenario still shows in the table."""
+def settle_and_check(
+    stack, target, result: Result, *, process=None, timeout: float = 300, probe: bool = True
+) -> Outcome:
+    """Traffic has stopped: wait until Debezium emitted everything (the probe; `probe=False` for
+    topics of a test's own) and the group is caught up, then compare ClickHouse with Postgres and
+    record the figures. Records the result before asserting, so a failing scenario still shows in
+    the table."""
     if result not in RESULTS:
         RESULTS.append(result)
     ch = target.clickhouse()
-    Probe(stack.postgres_dsn).wait_visible(ch, Probe(stack.postgres_dsn).touch(), timeout, process)
+    if probe:
+        Probe(stack.postgres_dsn).wait_visible(ch, Probe(stack.postgres_dsn).touch(), timeout, process)
     wait_caught_up(stack, target, process, timeout=timeout)
     report = compare(stack.postgres_dsn, ch)
     table_totals = totals(stack.postgres_dsn, ch)
