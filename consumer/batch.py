@@ -39,14 +39,19 @@ class PartitionBatch:
     messages: int = 0
     started_at: float = 0.0
     commit_ts_ms: list[int] = field(default_factory=list)
+    # Indexes of rows that assert a state ("this fact exists, like so") rather than a change:
+    # snapshot rows, which Debezium re-emits when an interrupted snapshot starts over.
+    assertions: set[int] = field(default_factory=set)
 
-    def add(self, offset: int, rows: list[tuple], size: int, commit_ts_ms: int | None) -> None:
+    def add(self, offset: int, rows: list[tuple], size: int, commit_ts_ms: int | None, assertion: bool = False) -> None:
         if self.messages == 0:
             self.started_at = time.monotonic()
         self.messages += 1
         self.last_offset = offset
         self.bytes += size
         if rows:
+            if assertion:
+                self.assertions.update(range(len(self.rows), len(self.rows) + len(rows)))
             # The Kafka coordinates go into every row: they are the applied watermark.
             self.rows.extend((*row, self.topic, self.partition, offset) for row in rows)
             if self.first_row_offset is None:

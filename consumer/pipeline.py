@@ -281,7 +281,9 @@ class Pipeline:
             state.blocked = False
             return True
         state.blocked = False
-        state.batch.add(offset, rows, size, event.commit_ts_ms if event else None)
+        state.batch.add(
+            offset, rows, size, event.commit_ts_ms if event else None, assertion=event is not None and event.op == "r"
+        )
         return True
 
     def _map(self, state: PartitionState, event, offset: int) -> list[tuple]:
@@ -360,7 +362,9 @@ class Pipeline:
     def _insert(self, batch: PartitionBatch) -> None:
         table = batch.table.table
         started = time.perf_counter()
-        self.sink.insert(batch.table, batch.column_names, batch.rows, batch.dedup_token + self.token_suffix)
+        self.sink.insert(
+            batch.table, batch.column_names, batch.rows, batch.dedup_token + self.token_suffix, batch.assertions
+        )
         finished = time.time()
         metrics.insert_seconds.labels(table).observe(time.perf_counter() - started)
         metrics.rows_inserted.labels(table).inc(len(batch.rows))

@@ -134,15 +134,70 @@ class ClickHouseSink:
         }
         return [(c.name, c.clickhouse_type) for c in table.columns if c.name not in existing]
 
-    def insert(self, table: TableMapping, column_names: list[str], rows: list[tuple], token: str) -> None:
+    def insert(
+        self,
+        table: TableMapping,
+        column_names: list[str],
+        rows: list[tuple],
+        token: str,
+        assertions: set[int] | frozenset[int] = frozenset(),
+    ) -> None:
         if table.role == "dimension":
             rows = self._fill_previous(table, column_names, rows)
+        elif assertions:
+            rows = self._reconcile_assertions(table, column_names, rows, assertions)
+            if not rows:
+                return
         self.client.insert(
             table.table,
             rows,
             column_names=column_names,
             settings={**INSERT_SETTINGS, "insert_deduplication_token": token},
         )
+
+    def _reconcile_assertions(
+        self, table: TableMapping, column_names: list[str], rows: list[tuple], assertions: set[int] | frozenset[int]
+    ) -> list[tuple]:
+        """A fact row that asserts a state (+1, "this fact exists like so") is applied only as
+        far as ClickHouse does not already hold that state: nothing if the fact is live with the
+        same values, a retraction of the live image plus the new one if its values differ."""
+        key_index = [column_names.index(k) for k in table.key]
+        sign_index = column_names.index("_sign")
+        values = [c.name for c in table.columns]
+        value_index = [column_names.index(c) for c in values]
+        live = self._live_facts(table, values, {tuple(rows[i][k] for k in key_index) for i in assertions})
+        result = []
+        for i, row in enumerate(rows):
+            key = tuple(row[k] for k in key_index)
+            image = tuple(row[v] for v in value_index)
+            if i in assertions and key in live:
+                if live[key] == image:
+                    continue
+                retraction = list(row)
+                for position, old in zip(value_index, live[key], strict=True):
+                    retraction[position] = old
+                retraction[sign_index] = -1
+                result.append(tuple(retraction))
+            result.append(row)
+            if row[sign_index] > 0:
+                live[key] = image
+            else:
+                live.pop(key, None)
+        return result
+
+    def _live_facts(self, table: TableMapping, values: list[str], keys: set[tuple]) -> dict[tuple, tuple]:
+        """key → current image of the live facts among `keys` (sum of signs > 0)."""
+        key_list = ", ".join(table.key)
+        width = len(table.key)
+        live = {}
+        for condition, parameters in _in_conditions(table, keys):
+            result = self.client.query(
+                f"SELECT {key_list}, argMaxIf(tuple({', '.join(values)}), _offset, _sign > 0) FROM {table.table} "
+                f"WHERE {condition} GROUP BY {key_list} HAVING sum(_sign) > 0",
+                parameters=parameters,
+            )
+            live.update((tuple(record[:width]), tuple(record[width])) for record in result.result_rows)
+        return live
 
     def _fill_previous(self, table: TableMapping, column_names: list[str], rows: list[tuple]) -> list[tuple]:
         """Replace KEEP_PREVIOUS by the column's latest value: from earlier rows of this batch,
@@ -175,28 +230,36 @@ class ClickHouseSink:
         return resolved
 
     def _latest_rows(self, table: TableMapping, column_names: list[str], keys: set[tuple]) -> dict[tuple, tuple]:
-        if not keys:
-            return {}
         value_columns = [c for c in column_names if c not in table.key]
         key_list = ", ".join(table.key)
         selected = ", ".join([*table.key, *(f"argMax({c}, _version)" for c in value_columns)])
-        if len(table.key) == 1:
-            # ClickHouse has no 1-tuples: a single-column key is compared as a plain array.
-            condition = f"{key_list} IN {{keys:Array({_key_types(table)})}}"
-            parameters = {"keys": [k[0] for k in keys]}
-        else:
-            condition = f"({key_list}) IN {{keys:Array(Tuple({_key_types(table)}))}}"
-            parameters = {"keys": [tuple(k) for k in keys]}
-        result = self.client.query(
-            f"SELECT {selected} FROM {table.table} WHERE {condition} AND _is_deleted = 0 GROUP BY {key_list}",
-            parameters=parameters,
-        )
         latest = {}
-        for record in result.result_rows:
-            by_name: dict[str, Any] = dict(zip([*table.key, *value_columns], record, strict=True))
-            key = tuple(by_name[k] for k in table.key)
-            latest[key] = tuple(by_name[c] for c in column_names)
+        for condition, parameters in _in_conditions(table, keys):
+            result = self.client.query(
+                f"SELECT {selected} FROM {table.table} WHERE {condition} AND _is_deleted = 0 GROUP BY {key_list}",
+                parameters=parameters,
+            )
+            for record in result.result_rows:
+                by_name: dict[str, Any] = dict(zip([*table.key, *value_columns], record, strict=True))
+                key = tuple(by_name[k] for k in table.key)
+                latest[key] = tuple(by_name[c] for c in column_names)
         return latest
+
+
+KEYS_PER_QUERY = 2_000  # query parameters travel as HTTP form fields, which have a size limit
+
+
+def _in_conditions(table: TableMapping, keys: set[tuple]) -> list[tuple[str, dict]]:
+    """`key IN {keys}` conditions with their parameters, in chunks of KEYS_PER_QUERY keys."""
+    key_list = ", ".join(table.key)
+    ordered = sorted(keys)
+    chunks = [ordered[i : i + KEYS_PER_QUERY] for i in range(0, len(ordered), KEYS_PER_QUERY)]
+    if len(table.key) == 1:
+        # ClickHouse has no 1-tuples: a single-column key is compared as a plain array.
+        condition = f"{key_list} IN {{keys:Array({_key_types(table)})}}"
+        return [(condition, {"keys": [k[0] for k in chunk]}) for chunk in chunks]
+    condition = f"({key_list}) IN {{keys:Array(Tuple({_key_types(table)}))}}"
+    return [(condition, {"keys": [tuple(k) for k in chunk]}) for chunk in chunks]
 
 
 def _key_types(table: TableMapping) -> str:

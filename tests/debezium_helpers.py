@@ -33,21 +33,24 @@ class RawMessage:
 
 
 @contextmanager
-def throwaway_connector(connect_url: str, postgres_dsn: str, variant: str = "avro", **overrides: str) -> Iterator[str]:
+def throwaway_connector(
+    connect_url: str, postgres_dsn: str, variant: str = "avro", prefix: str | None = None, **overrides: str
+) -> Iterator[str]:
     """Register a copy of the shipped connector config under a fresh topic prefix, slot and
     publication, so the test sees its own snapshot and stream; yields the topic prefix."""
-    prefix = f"t{uuid.uuid4().hex[:10]}"
+    name = f"t{uuid.uuid4().hex[:10]}"  # of the connector, its slot and its publication
+    topic_prefix = prefix or name
     name_file = "debezium-postgres.json" if variant == "avro" else "debezium-postgres-json.json"
     spec = json.loads((REPO_ROOT / "connectors" / name_file).read_text())
-    config = {**spec["config"], "topic.prefix": prefix, "slot.name": prefix, "publication.name": prefix, **overrides}
-    response = requests.put(f"{connect_url}/connectors/{prefix}/config", json=config, timeout=30)
+    config = {**spec["config"], "topic.prefix": topic_prefix, "slot.name": name, "publication.name": name, **overrides}
+    response = requests.put(f"{connect_url}/connectors/{name}/config", json=config, timeout=30)
     assert response.status_code < 400, response.text
     try:
-        wait_connector_running(connect_url, prefix)
-        yield prefix
+        wait_connector_running(connect_url, name)
+        yield topic_prefix
     finally:
-        requests.delete(f"{connect_url}/connectors/{prefix}", timeout=30)
-        _drop_slot_and_publication(postgres_dsn, prefix)
+        requests.delete(f"{connect_url}/connectors/{name}", timeout=30)
+        _drop_slot_and_publication(postgres_dsn, name)
 
 
 def wait_connector_running(connect_url: str, name: str, timeout: float = 120.0) -> dict:

@@ -21,7 +21,7 @@ from tests.consumer_helpers import (
     topics_for,
     wait_caught_up,
 )
-from tests.debezium_helpers import AvroReader, drain
+from tests.debezium_helpers import AvroReader, drain, throwaway_connector
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -200,3 +200,30 @@ def test_without_a_clickhouse_url_the_consumer_writes_into_an_embedded_clickhous
         assert consumer.stop() == 0, consumer.output()[-3000:]
     embedded = connect(None, tmp_path / "embedded")  # chDB allows one process per data directory
     assert_matches_postgres_with(stack, embedded)
+
+
+def test_a_snapshot_delivered_twice_counts_once(stack, tmp_path) -> None:
+    """Debezium starts an interrupted snapshot over, re-emitting its `r` events at new offsets.
+    Two snapshots into the same topics is that case, made deterministic."""
+    generate(stack.postgres_dsn, rate=2000, duration=2, seed=707)
+    prefix = f"resnap{uuid.uuid4().hex[:6]}"
+    live = set(_pg_ids(stack.postgres_dsn, "impressions"))
+    for _ in range(2):
+        with throwaway_connector(
+            stack.connect_url, stack.postgres_dsn, prefix=prefix, **{"snapshot.mode": "initial_only"}
+        ):
+            drain(
+                stack.kafka_bootstrap,
+                [f"{prefix}.public.impressions"],
+                idle_seconds=2,
+                until=lambda ms: len({m.key for m in ms if m.value}) >= len(live),
+            )
+    target = new_target(stack, tmp_path, topic_prefix=prefix)
+    with running_consumer(target, tmp_path) as consumer:
+        wait_caught_up(stack, target, consumer)
+        assert_matches_postgres(stack, target)
+
+
+def _pg_ids(dsn: str, table: str) -> list[int]:
+    with psycopg.connect(dsn) as conn:
+        return [row[0] for row in conn.execute(f"SELECT id FROM {table}")]
