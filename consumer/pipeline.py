@@ -107,6 +107,7 @@ class Pipeline:
         )
         self._replaying = False
         self.last_step = time.monotonic()  # for the liveness probe
+        self._mid_poll = False  # while step() hands the messages of one poll to their batches
         self.source: KafkaSource = source_factory(self._assigned, self._revoked, self._lost)
 
     # -- rebalances -------------------------------------------------------------------------
@@ -204,12 +205,16 @@ class Pipeline:
         self.last_step = time.monotonic()
         messages = self.source.poll(self.config.poll_messages, self.config.poll_timeout_s)
         blocked: set[Partition] = set()
-        for message in messages:
-            partition = (message.topic(), message.partition())
-            if partition in blocked or partition not in self.partitions:
-                continue
-            if not self._handle(partition, message):
-                blocked.add(partition)
+        self._mid_poll = True
+        try:
+            for message in messages:
+                partition = (message.topic(), message.partition())
+                if partition in blocked or partition not in self.partitions:
+                    continue
+                if not self._handle(partition, message):
+                    blocked.add(partition)
+        finally:
+            self._mid_poll = False
         now = time.monotonic()
         for partition, state in list(self.partitions.items()):
             if state.consumed:
@@ -348,8 +353,11 @@ class Pipeline:
         self.dlq.flush()
         started = time.perf_counter()
         # The position is past any transaction marker after the last record, so a caught-up
-        # group shows a lag of 0 rather than 1 per transaction-ending partition.
-        next_offset = self._bounded(partition, max(batch.last_offset + 1, self.source.position(partition) or 0))
+        # group shows a lag of 0 rather than 1 per transaction-ending partition. Not mid-poll (a
+        # schema change flushing the table's batches): the position is then also past messages of
+        # this poll that no batch holds yet, and committing it would lose them in a crash.
+        position = None if self._mid_poll or self._replaying else self.source.position(partition)
+        next_offset = self._bounded(partition, max(batch.last_offset + 1, position or 0))
         if next_offset is not None and self.source.commit({partition: next_offset}):
             self._committed(partition, state, next_offset)
         metrics.commit_seconds.observe(time.perf_counter() - started)
