@@ -23,6 +23,17 @@ REBALANCE_ERRORS = {
     KafkaError._ASSIGNMENT_LOST,
     KafkaError._STATE,
 }
+# The coordinator is moving or unreachable (a broker restart): the commit may succeed later.
+TRANSIENT_COMMIT_ERRORS = {
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.REQUEST_TIMED_OUT,
+    KafkaError._TRANSPORT,
+    KafkaError._TIMED_OUT,
+    KafkaError._WAIT_COORD,
+    KafkaError._ALL_BROKERS_DOWN,
+}
 
 
 @dataclass(frozen=True)
@@ -92,15 +103,22 @@ class KafkaSource:
 
     def commit(self, offsets: dict[Partition, int]) -> bool:
         """Synchronously commit `next offset to read` per partition. False when the group has
-        moved on (a rebalance took the partitions): the next owner re-reads from the last
+        moved on (a rebalance took the partitions), or the coordinator cannot take the commit
+        right now (a broker restart): the next owner, or the next commit, re-reads from the last
         committed offset, which the applied watermark makes harmless."""
         if not offsets:
             return True
         try:
             self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False)
         except KafkaException as exc:
-            if exc.args[0].code() in REBALANCE_ERRORS:
-                log.warning("commit of %s skipped: %s", sorted(offsets), exc.args[0].str())
+            error = exc.args[0]
+            if error.code() in REBALANCE_ERRORS:
+                log.warning("commit of %s skipped: %s", sorted(offsets), error.str())
+                return False
+            if error.code() in TRANSIENT_COMMIT_ERRORS or error.retriable():
+                # Not committed *now*: a later commit of this partition carries a later offset,
+                # and whatever is re-read in between is below the applied watermark.
+                log.warning("commit of %s failed, retried with the next one: %s", sorted(offsets), error.str())
                 return False
             raise
         return True
