@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
 
 from consumer.batch import BatchPolicy
 from consumer.decode import EnvelopeDecoder
@@ -55,8 +58,35 @@ def build_pipeline(settings: Settings, topics: list[str] | None = None, bounds: 
     )
 
 
+STALLED_EXIT_CODE = 70  # EX_SOFTWARE
+
+
+def start_watchdog(pipeline, stall_s: float, exit=os._exit, interval_s: float | None = None) -> threading.Thread:
+    """Exit the process when the loop has not come round for `stall_s` seconds. Seen in the fault
+    suite: after a Kafka broker restart, librdkafka sometimes never finds the group coordinator
+    again, and a synchronous commit waits for it forever (the member is evicted at
+    max.poll.interval.ms, but the process would hang on). Exiting is safe at any moment, like
+    kill -9: the restarted consumer resumes from the committed offsets and the watermark."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s if interval_s is not None else min(10.0, stall_s / 4))
+            idle = time.monotonic() - pipeline.last_step
+            if idle > stall_s:
+                log.critical("the consumer loop has not come round for %.0f s: exiting to be restarted", idle)
+                logging.shutdown()
+                exit(STALLED_EXIT_CODE)
+                return
+
+    thread = threading.Thread(target=watch, name="watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
 def run(settings: Settings) -> None:
     pipeline = build_pipeline(settings)
+    if settings.stall_exit_s:
+        start_watchdog(pipeline, settings.stall_exit_s)
     if settings.metrics_port:
         from consumer.health import serve_operations
 

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     # after a crash, a dynamic member's partitions wait for the session timeout instead.
     group_instance_id: str | None = None
     session_timeout_ms: int = Field(45_000, ge=1_000)
+    # Crash-only watchdog: exit (code 70) when the consumer loop has not come round for this long,
+    # so the supervisor (systemd Restart=always, an orchestrator) starts it afresh; 0 disables.
+    stall_exit_s: float = Field(300.0, ge=0)
     topic_prefix: str = "adtech"
     mapping_file: Path | None = None
     dlq_topic: str = "cdc-consumer.dlq"
