@@ -268,6 +268,13 @@ def settle_and_check(
     return Outcome(result, report, table_totals)
 
 
+def warm_up(stack, target, process=None) -> None:
+    """A new consumer first reads the topics' history (the whole of it: its ClickHouse database
+    is fresh); the fault then hits a consumer in step with Postgres, and the recovery time is the
+    fault's, not the history's."""
+    wait_caught_up(stack, target, process, timeout=900)
+
+
 def mapped_topics(target) -> list[str]:
     return topics_for(target.env["CDC_TOPIC_PREFIX"])
 

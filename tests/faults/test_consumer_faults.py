@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.consumer_helpers import new_target, start_consumer
-from tests.faults.helpers import Probe, Result, Traffic, scaled, settle_and_check, unique
+from tests.faults.helpers import Probe, Result, Traffic, scaled, settle_and_check, unique, warm_up
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.faults]
 
@@ -32,6 +32,7 @@ def test_kill_9_at_random_moments_during_traffic(stack, tmp_path) -> None:
     started = [start_consumer(target, tmp_path)]
     moments = []
     try:
+        warm_up(stack, target, started[-1])
         with Traffic(stack.postgres_dsn, seed=5101) as traffic:
             time.sleep(2)
             for kill in range(kills):
@@ -83,6 +84,7 @@ def test_rebalance_storm_three_members_joining_and_leaving(stack, tmp_path) -> N
         wait_until_consuming(members[0])
         members += [start_consumer(target, tmp_path) for _ in range(2)]
         everyone += members[1:]
+        warm_up(stack, target, None)
         with Traffic(stack.postgres_dsn, seed=5201) as traffic:
             time.sleep(3)
             ends = time.monotonic() + duration
@@ -130,6 +132,7 @@ def test_replay_of_an_applied_range_during_live_traffic(stack, tmp_path) -> None
     target = new_target(stack, tmp_path)
     consumer = start_consumer(target, tmp_path)
     try:
+        warm_up(stack, target, consumer)
         with Traffic(stack.postgres_dsn, seed=5301) as traffic:
             time.sleep(scaled(4, 10))
             done = subprocess.run(

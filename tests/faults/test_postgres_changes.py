@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from tests.consumer_helpers import new_target, start_consumer
-from tests.faults.helpers import Probe, Result, Traffic, settle_and_check
+from tests.faults.helpers import Probe, Result, Traffic, settle_and_check, warm_up
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.faults]
 
@@ -51,6 +51,7 @@ def test_column_added_toast_update_key_change_and_cascade_during_traffic(stack, 
     changes = 0
     try:
         try:
+            warm_up(stack, target, consumer)
             with (
                 Traffic(stack.postgres_dsn, seed=5901) as traffic,
                 psycopg.connect(stack.postgres_dsn, autocommit=True) as conn,
