@@ -259,12 +259,14 @@ def settle_and_check(
         lost += max([t.postgres - n for n in seen] + [0])
         double += max([n - t.postgres for n in seen] + [0])
     result.lost, result.double_counted = lost, double
-    if result.dead_lettered is None:
+    faults_only = result.dead_lettered is None  # a fault, no bad input: nothing may be dead-lettered
+    if faults_only:
         result.dead_lettered = dlq_count(stack.kafka_bootstrap, target.env["CDC_DLQ_TOPIC"])
-    result.ok = report.ok and lost == 0 and double == 0
+    result.ok = report.ok and lost == 0 and double == 0 and not (faults_only and result.dead_lettered)
     details = "\n".join(str(t) for t in table_totals.values())
     assert report.ok, f"{result.scenario}: ClickHouse differs from Postgres\n{report}\n{details}"
     assert lost == 0 and double == 0, f"{result.scenario}: lost {lost}, double-counted {double}\n{details}"
+    assert not (faults_only and result.dead_lettered), f"{result.scenario}: {result.dead_lettered} dead-lettered"
     return Outcome(result, report, table_totals)
 
 
