@@ -18,31 +18,7 @@ import struct
 from decimal import Decimal
 from typing import Any
 
-_SMALL = [bytes([n]) for n in range(128)]
-
-
-def zigzag_varint(n: int) -> bytes:
-    """Avro `long`/`int`: zig-zag, then base-128 little-endian varint."""
-    z = (n << 1) ^ (n >> 63)
-    if z < 0x80:
-        return _SMALL[z]
-    if z < 0x4000:
-        return bytes((z & 0x7F | 0x80, z >> 7))
-    if z < 0x200000:
-        return bytes((z & 0x7F | 0x80, (z >> 7) & 0x7F | 0x80, z >> 14))
-    if z < 0x10000000:
-        return bytes((z & 0x7F | 0x80, (z >> 7) & 0x7F | 0x80, (z >> 14) & 0x7F | 0x80, z >> 21))
-    out = bytearray()
-    while z >= 0x80:
-        out.append((z & 0x7F) | 0x80)
-        z >>= 7
-    out.append(z)
-    return bytes(out)
-
-
-def encode_string(s: str) -> bytes:
-    b = s.encode()
-    return zigzag_varint(len(b)) + b
+from consumer.server_decode import encode_string, zigzag_varint
 
 
 def unscaled_bytes(unscaled: int) -> bytes:

@@ -77,8 +77,20 @@ class Unsupported(Exception):
     """This writer schema / mapping stays on the Python path (the reason is logged once)."""
 
 
-def _zz(n: int) -> bytes:
+_SMALL = [bytes([n]) for n in range(128)]
+
+
+def zigzag_varint(n: int) -> bytes:
+    """Avro `long`/`int`: zig-zag, then base-128 little-endian varint."""
     z = (n << 1) ^ (n >> 63)
+    if z < 0x80:
+        return _SMALL[z]
+    if z < 0x4000:
+        return bytes((z & 0x7F | 0x80, z >> 7))
+    if z < 0x200000:
+        return bytes((z & 0x7F | 0x80, (z >> 7) & 0x7F | 0x80, z >> 14))
+    if z < 0x10000000:
+        return bytes((z & 0x7F | 0x80, (z >> 7) & 0x7F | 0x80, (z >> 14) & 0x7F | 0x80, z >> 21))
     out = bytearray()
     while z >= 0x80:
         out.append((z & 0x7F) | 0x80)
@@ -87,9 +99,10 @@ def _zz(n: int) -> bytes:
     return bytes(out)
 
 
-def _avro_string(s: str | bytes) -> bytes:
+def encode_string(s: str | bytes) -> bytes:
+    """Avro `string`/`bytes`: length, then the bytes."""
     b = s.encode() if isinstance(s, str) else s
-    return _zz(len(b)) + b
+    return zigzag_varint(len(b)) + b
 
 
 @dataclass(frozen=True)
@@ -117,7 +130,7 @@ class ServerPlan:
             key = (base | offset).to_bytes(8, "little")
             extend((key, value, key))
         body = b"".join(parts)
-        return b"".join((self.ocf_head, _zz(len(values)), _zz(len(body)), body, SYNC))
+        return b"".join((self.ocf_head, zigzag_varint(len(values)), zigzag_varint(len(body)), body, SYNC))
 
 
 # -- compiling a plan ---------------------------------------------------------------------------
@@ -390,11 +403,11 @@ WHERE throwIf({row_check}, 'cdc: a value only the Python path may convert') = 0"
     ]
     schema_text = json.dumps(wrapper, separators=(",", ":"))
     meta = (
-        _zz(2)
-        + _avro_string("avro.schema")
-        + _avro_string(schema_text)
-        + _avro_string("avro.codec")
-        + _avro_string("null")
+        zigzag_varint(2)
+        + encode_string("avro.schema")
+        + encode_string(schema_text)
+        + encode_string("avro.codec")
+        + encode_string("null")
         + b"\x00"
     )
     return ServerPlan(table.table, table.topic, schema_id, staging, view, ddl, b"Obj\x01" + meta + SYNC)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import clickhouse_connect
 from confluent_kafka import Consumer, TopicPartition
 
 from consumer.mapping import load_mapping
+from consumer.stack.process import terminate
 
 
 @dataclass
@@ -25,14 +25,7 @@ class ConsumerProcess:
     log: Path
 
     def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return terminate(self.proc, timeout)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

@@ -88,6 +88,18 @@ def stop(pid_file: Path, timeout: float = 30.0) -> bool:
     return True
 
 
+def terminate(proc: subprocess.Popen, timeout: float = 60.0) -> int:
+    """Stop a child the way a supervisor would: SIGTERM, then SIGKILL after `timeout`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
 def _signal_group(pid: int, sig: signal.Signals) -> None:
     try:
         os.killpg(pid, sig)
