@@ -117,23 +117,34 @@ class FakeDecoder:
         return FakeEvent()
 
 
-def bounded_pipeline(source: FakeSource, sink: FakeSink, bound: range) -> Pipeline:
+def fake_pipeline(source: FakeSource, sink, decoder=None, **config) -> Pipeline:
+    """A Pipeline on the fakes: the source records the assign callback; the DLQ never writes."""
+
     def factory(on_assign, on_revoke, on_lost):
         source.assign_cb = on_assign
         return source
 
     dlq = DeadLetterQueue.__new__(DeadLetterQueue)
     dlq.flush = dlq.close = lambda *a, **k: None
-    pipeline = Pipeline(
+    bounds = config.pop("bounds", None)
+    return Pipeline(
         source_factory=factory,
-        decoder=FakeDecoder(),
+        decoder=decoder or FakeDecoder(),
         mapping=load_mapping(),
         sink=sink,
         dlq=dlq,
-        config=PipelineConfig(poll_timeout_s=0),
-        bounds={(TOPIC, 0): bound},
+        config=PipelineConfig(poll_timeout_s=0, **config),
+        bounds=bounds,
     )
-    pipeline.mapper.rows = lambda table, event, tiebreak: [tuple(None for _ in table.column_names)]
+
+
+def one_null_row(table, event, tiebreak) -> list[tuple]:
+    return [tuple(None for _ in table.column_names)]
+
+
+def bounded_pipeline(source: FakeSource, sink: FakeSink, bound: range) -> Pipeline:
+    pipeline = fake_pipeline(source, sink, bounds={(TOPIC, 0): bound})
+    pipeline.mapper.rows = one_null_row
     return pipeline
 
 

@@ -3,10 +3,8 @@ the same poll are not handled yet; the commit must not pass them (else a crash l
 
 from __future__ import annotations
 
-from consumer.dlq import DeadLetterQueue
-from consumer.mapping import NewColumns, infer_column, load_mapping
-from consumer.pipeline import Pipeline, PipelineConfig
-from tests.unit.test_operations_units import FakeDecoder, FakeSink, FakeSource
+from consumer.mapping import NewColumns, infer_column
+from tests.unit.test_operations_units import FakeSink, FakeSource, fake_pipeline
 
 
 class EvolvingSink(FakeSink):
@@ -17,21 +15,8 @@ class EvolvingSink(FakeSink):
 def test_a_schema_change_mid_poll_commits_only_what_was_written() -> None:
     source = FakeSource(end=3)  # one poll returns offsets 0, 1, 2: the position is then 3
 
-    def factory(on_assign, on_revoke, on_lost):
-        source.assign_cb = on_assign
-        return source
-
-    dlq = DeadLetterQueue.__new__(DeadLetterQueue)
-    dlq.flush = dlq.close = lambda *a, **k: None
     sink = EvolvingSink()
-    pipeline = Pipeline(
-        source_factory=factory,
-        decoder=FakeDecoder(),
-        mapping=load_mapping(),
-        sink=sink,
-        dlq=dlq,
-        config=PipelineConfig(poll_timeout_s=0),
-    )
+    pipeline = fake_pipeline(source, sink)
     pipeline.server = None  # the Python path
 
     def rows(table, event, tiebreak):

@@ -3,11 +3,9 @@ while the partition happens to be paused between two attempts."""
 
 from __future__ import annotations
 
-from consumer.dlq import DeadLetterQueue
-from consumer.mapping import load_mapping
-from consumer.pipeline import Pipeline, PipelineConfig
+from consumer.pipeline import Pipeline
 from consumer.registry import RegistryUnavailable
-from tests.unit.test_operations_units import FakeEvent, FakeSink, FakeSource
+from tests.unit.test_operations_units import FakeEvent, FakeSink, FakeSource, fake_pipeline, one_null_row
 
 
 class FlakyRegistryDecoder:
@@ -25,22 +23,8 @@ class FlakyRegistryDecoder:
 
 def pipeline_with(decoder) -> tuple[Pipeline, FakeSource]:
     source = FakeSource(end=5)
-
-    def factory(on_assign, on_revoke, on_lost):
-        source.assign_cb = on_assign
-        return source
-
-    dlq = DeadLetterQueue.__new__(DeadLetterQueue)
-    dlq.flush = dlq.close = lambda *a, **k: None
-    pipeline = Pipeline(
-        source_factory=factory,
-        decoder=decoder,
-        mapping=load_mapping(),
-        sink=FakeSink(),
-        dlq=dlq,
-        config=PipelineConfig(poll_timeout_s=0, retry_base_s=0),  # resume at the next step
-    )
-    pipeline.mapper.rows = lambda table, event, tiebreak: [tuple(None for _ in table.column_names)]
+    pipeline = fake_pipeline(source, FakeSink(), decoder, retry_base_s=0)  # resume at the next step
+    pipeline.mapper.rows = one_null_row
     source.start()
     return pipeline, source
 
