@@ -6,6 +6,7 @@ but must still be committed), and the Postgres commit times of its changes for l
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +104,15 @@ class PartitionBatch:
         self.raw_offsets, self.raw_values, self.raw_keys, self.plan = [], [], [], None
         self.first_row_offset = self.last_row_offset = None
         return offsets, values
+
+    def drop_raw_through(self, offset: int) -> None:
+        """Forget the raw messages at or below `offset`: ClickHouse holds them already."""
+        kept = bisect.bisect_right(self.raw_offsets, offset)
+        del self.raw_offsets[:kept], self.raw_values[:kept], self.raw_keys[:kept]
+        if self.raw_offsets:
+            self.first_row_offset = self.raw_offsets[0]
+        else:
+            self.first_row_offset = self.last_row_offset = self.plan = None
 
     @property
     def raw_dedup_token(self) -> str:

@@ -108,6 +108,7 @@ class Pipeline:
         self._replaying = False
         self.last_step = time.monotonic()  # for the liveness probe
         self._mid_poll = False  # while step() hands the messages of one poll to their batches
+        self._in_doubt: list[list[tuple[Partition, PartitionBatch, int]]] = []  # see _doubt
         self.source: KafkaSource = source_factory(self._assigned, self._revoked, self._lost)
 
     # -- rebalances -------------------------------------------------------------------------
@@ -163,7 +164,7 @@ class Pipeline:
             if partition in self.partitions:
                 # Best effort: what cannot be flushed now is re-read by the next owner, and
                 # the watermark makes that safe.
-                self._flush(partition, final=True)
+                self._flush(partition)
                 self.partitions.pop(partition, None)
             self.paused.discard(partition)
         log.info("revoked %s", sorted(partitions))
@@ -192,7 +193,7 @@ class Pipeline:
                 if self.on_step is not None:
                     self.on_step()
             for partition in list(self.partitions):
-                self._flush(partition, final=True)
+                self._flush(partition)
         finally:
             self.source.close()
             self.dlq.close()
@@ -203,7 +204,7 @@ class Pipeline:
 
     def step(self) -> None:
         self.last_step = time.monotonic()
-        messages = self.source.poll(self.config.poll_messages, self.config.poll_timeout_s)
+        messages = self.source.poll(self.config.poll_messages, self._poll_timeout(self.last_step))
         blocked: set[Partition] = set()
         self._mid_poll = True
         try:
@@ -224,10 +225,23 @@ class Pipeline:
                 state.consumed = state.consumed_bytes = 0
             if partition in self.paused and now >= state.retry_at:
                 self._resume(partition)
-            if partition not in self.paused and state.batch.ready(self.config.batch, now):
+        for partition in list(self.partitions):
+            state = self.partitions[partition]
+            if partition in self.paused:
+                continue
+            if state.batch.ready(self.config.batch, now):
                 self._flush(partition)
             elif state.batch.messages == 0:
                 self._commit_position(partition, state)
+
+    def _poll_timeout(self, now: float) -> float:
+        """Wait for messages no longer than until the oldest batch is due: a poll that waits out
+        its whole timeout while a batch is due adds that wait to the batch's latency."""
+        started = [s.batch.started_at for p, s in self.partitions.items() if s.batch.messages and p not in self.paused]
+        if not started:
+            return self.config.poll_timeout_s
+        due = min(started) + self.config.batch.max_age_s - now
+        return min(self.config.poll_timeout_s, max(MIN_POLL_TIMEOUT_S, due))
 
     def _commit_position(self, partition: Partition, state: PartitionState) -> None:
         """An idle partition whose position moved past a transaction marker commits it."""
@@ -316,56 +330,75 @@ class Pipeline:
             if state.batch.table.table == name:
                 state.batch = PartitionBatch(widened, state.batch.topic, state.batch.partition)
 
-    def _flush(self, partition: Partition, final: bool = False) -> bool:
+    def _flush(self, partition: Partition) -> bool:
+        """Writes the partition's batch and commits it. A batch ClickHouse decodes takes the
+        table's other such batches along: one insert per table, not per partition."""
         state = self.partitions[partition]
         batch = state.batch
         if batch.messages == 0:
             return True
+        if batch.raw_values:
+            return self._flush_raw(partition)
         try:
-            if batch.raw_values and not self._insert_raw(partition, state):
-                batch = state.batch  # ClickHouse refused it: decoded in Python instead
             if batch.rows:
                 self._insert(batch)
         except UnresolvedPrevious as exc:
             # Rows whose unchanged columns have no previous value anywhere: dead-letter them
             # (with the row) and apply the rest.
             self._dead_letter_unresolved(batch, exc)
-            return self._flush(partition, final)
+            return self._flush(partition)
         except Exception as exc:
-            metrics.insert_retries.labels(batch.table.table).inc()
-            state.failures += 1
-            delay = min(self.config.retry_max_s, self.config.retry_base_s * 2 ** (state.failures - 1))
-            log.error(
-                "insert into %s failed (%s: %s); retry in %.1fs, partitions paused",
-                batch.table.table,
-                type(exc).__name__,
-                exc,
-                delay,
-            )
-            if not final:
-                state.retry_at = time.monotonic() + delay
-                for other, other_state in self.partitions.items():
-                    other_state.retry_at = max(other_state.retry_at, state.retry_at)
-                    self._pause(other, other_state)
+            self._insert_failed([partition], batch.table.table, exc)
             return False
+        self._applied([partition])
+        return True
+
+    def _insert_failed(self, partitions: list[Partition], table: str, exc: Exception) -> None:
+        metrics.insert_retries.labels(table).inc()
+        failures = 0
+        for partition in partitions:
+            state = self.partitions[partition]
+            state.failures += 1
+            failures = max(failures, state.failures)
+        delay = min(self.config.retry_max_s, self.config.retry_base_s * 2 ** (failures - 1))
+        log.error(
+            "insert into %s failed (%s: %s); retry in %.1fs, partitions paused", table, type(exc).__name__, exc, delay
+        )
+        # Also on a final flush (a revocation): the partitions that stay must not grow batches
+        # that failed to insert.
+        retry_at = time.monotonic() + delay
+        for other, other_state in self.partitions.items():
+            other_state.retry_at = max(other_state.retry_at, retry_at)
+            self._pause(other, other_state)
+
+    def _applied(self, partitions: list[Partition]) -> None:
+        """The partitions' batches are in ClickHouse: commit them and start the next ones."""
         if KILL_AFTER_INSERTS and self.inserts == KILL_AFTER_INSERTS:
             os.kill(os.getpid(), signal.SIGKILL)
         self.dlq.flush()
         started = time.perf_counter()
-        # The position is past any transaction marker after the last record, so a caught-up
-        # group shows a lag of 0 rather than 1 per transaction-ending partition. Not mid-poll (a
-        # schema change flushing the table's batches): the position is then also past messages of
-        # this poll that no batch holds yet, and committing it would lose them in a crash.
-        position = None if self._mid_poll or self._replaying else self.source.position(partition)
-        next_offset = self._bounded(partition, max(batch.last_offset + 1, position or 0))
-        if next_offset is not None and self.source.commit({partition: next_offset}):
-            self._committed(partition, state, next_offset)
+        offsets = {}
+        for partition in partitions:
+            batch = self.partitions[partition].batch
+            # The position is past any transaction marker after the last record, so a caught-up
+            # group shows a lag of 0 rather than 1 per transaction-ending partition. Not mid-poll
+            # (a schema change flushing the table's batches): the position is then also past
+            # messages of this poll that no batch holds yet, and committing it would lose them.
+            position = None if self._mid_poll or self._replaying else self.source.position(partition)
+            next_offset = self._bounded(partition, max(batch.last_offset + 1, position or 0))
+            if next_offset is not None:
+                offsets[partition] = next_offset
+        if offsets and self.source.commit(offsets):
+            for partition, offset in offsets.items():
+                self._committed(partition, self.partitions[partition], offset)
         metrics.commit_seconds.observe(time.perf_counter() - started)
-        state.failures = 0
-        if batch.last_row_offset is not None:
-            state.watermark = max(state.watermark, batch.last_row_offset)
-        state.batch = PartitionBatch(batch.table, batch.topic, batch.partition)
-        return True
+        for partition in partitions:
+            state = self.partitions[partition]
+            batch = state.batch
+            state.failures = 0
+            if batch.last_row_offset is not None:
+                state.watermark = max(state.watermark, batch.last_row_offset)
+            state.batch = PartitionBatch(batch.table, batch.topic, batch.partition)
 
     def _insert(self, batch: PartitionBatch) -> None:
         table = batch.table.table
@@ -433,44 +466,132 @@ class Pipeline:
             new.messages, new.last_offset, new.bytes = old.messages, old.last_offset, old.bytes
             new.started_at = old.started_at
 
-    def _insert_raw(self, partition: Partition, state: PartitionState) -> bool:
-        """One insert of the raw batch. False: ClickHouse refused it and wrote nothing; the batch
-        now holds the rows the Python path made of it."""
-        batch = state.batch
-        table = batch.table.table
-        assert self.server is not None
-        started = time.perf_counter()
+    def _raw_group(self, partition: Partition) -> list[Partition]:
+        """The partitions whose batches go into one insert with this one's: the table's other
+        batches for ClickHouse to decode with the same plan, up to the batch policy's size; or,
+        after an insert failed, exactly the partitions it had."""
+        doubt = self._doubt_of(partition)
+        if doubt is not None:
+            return [p for p, _, _ in doubt]
+        batch = self.partitions[partition].batch
+        taken = {p for doubt in self._in_doubt for p, _, _ in doubt}
+        peers = sorted(
+            (s.batch.started_at, p)
+            for p, s in self.partitions.items()
+            if p != partition
+            and p not in self.paused
+            and p not in taken
+            and s.batch.raw_values
+            and s.batch.plan is batch.plan
+        )
+        group = [partition]
+        rows, size = len(batch.raw_values), batch.bytes
+        policy = self.config.batch
+        for _, peer in peers:
+            other = self.partitions[peer].batch
+            if rows + len(other.raw_values) <= policy.max_rows and size + other.bytes <= policy.max_bytes:
+                group.append(peer)
+                rows, size = rows + len(other.raw_values), size + other.bytes
+        return sorted(group)
+
+    def _flush_raw(self, partition: Partition, alone: bool = False) -> bool:
+        state = self.partitions[partition]
+        table, topic = state.batch.table.table, state.batch.topic
+        group, sent = [partition], False
         try:
-            self.server.insert(
-                batch.plan,
-                batch.partition,
-                batch.raw_offsets,
-                batch.raw_values,
-                batch.raw_dedup_token + self.token_suffix,
-            )
+            self._settle(partition)
+            if not state.batch.raw_values:
+                return self._flush(partition)  # ClickHouse had them all: only the commit is left
+            if not alone:
+                group = self._raw_group(partition)
+            sent = True
+            self._insert_raw(group)
         except Rejected as exc:
-            applied = self.sink.applied_offsets(table, batch.topic).get(batch.partition, -1)
-            if applied > state.watermark:
-                # Rows of this batch did reach ClickHouse (a view failed after the facts were
+            states = [self.partitions[p] for p in group]
+            applied = self.sink.applied_offsets(table, topic)
+            if any(applied.get(p[1], -1) > s.watermark for p, s in zip(group, states, strict=True)):
+                # Rows of this insert did reach ClickHouse (a view failed after the facts were
                 # written): only the same insert again, deduplicated, may complete it.
-                raise
+                self._doubt(group)
+                self._insert_failed(group, table, exc)
+                return False
+            self._forget_doubt(group)
+            if len(group) > 1:
+                log.info("ClickHouse refused the batches of %s (%s); trying them one by one", group, exc)
+                return all(self._flush_raw(p, alone=True) for p in group)
             log.warning("%s[%d]: ClickHouse refused the batch (%s); applying it in Python", *partition, exc)
             server_fallbacks.labels(table).inc()
-            state.fast_after = batch.last_offset + 1 + state.fast_penalty
+            state.fast_after = state.batch.last_offset + 1 + state.fast_penalty
             state.fast_penalty = min(max(1_000, 2 * state.fast_penalty), 1_000_000)
             self._demote(partition, state)
+            return self._flush(partition)
+        except Exception as exc:
+            if sent:
+                self._doubt(group)
+            self._insert_failed(group, table, exc)
             return False
+        self._forget_doubt(group)
+        for member in group:
+            self.partitions[member].fast_penalty = 0
+        self._applied(group)
+        return True
+
+    # Raw inserts that failed where ClickHouse may have written them: each is sent again only
+    # as it was (the same partitions' same messages, so the same deduplication token), since a
+    # write of the same messages under another token would count them twice.
+    def _doubt(self, group: list[Partition]) -> None:
+        self._forget_doubt(group)
+        self._in_doubt.append([(p, self.partitions[p].batch, len(self.partitions[p].batch.raw_values)) for p in group])
+
+    def _doubt_of(self, partition: Partition) -> list[tuple[Partition, PartitionBatch, int]] | None:
+        return next((doubt for doubt in self._in_doubt if any(p == partition for p, _, _ in doubt)), None)
+
+    def _forget_doubt(self, group: list[Partition]) -> None:
+        self._in_doubt = [doubt for doubt in self._in_doubt if not any(p in group for p, _, _ in doubt)]
+
+    def _settle(self, partition: Partition) -> None:
+        """A failed insert that can no longer be sent as it was (a partition was lost or revoked
+        meanwhile, or a batch grew): ask ClickHouse what it holds of it — one block, so all of it
+        or nothing — and leave only the rest in the batches."""
+        doubt = self._doubt_of(partition)
+        if doubt is None:
+            return
+        members = [(p, b) for p, b, n in doubt if p in self.partitions and self.partitions[p].batch is b]
+        if len(members) == len(doubt) and all(len(b.raw_values) == n for _, b, n in doubt):
+            return
+        batch = self.partitions[partition].batch
+        applied = self.sink.applied_offsets(batch.table.table, batch.topic) if members else {}
+        self._in_doubt.remove(doubt)
+        for p, member in members:
+            watermark = applied.get(p[1], -1)
+            state = self.partitions[p]
+            if watermark > state.watermark:
+                log.warning("%s[%d]: a failed insert had been written up to offset %d", *p, watermark)
+                state.watermark = watermark
+                member.drop_raw_through(watermark)
+
+    def _insert_raw(self, group: list[Partition]) -> None:
+        """One insert of the group's raw batches. Rejected: ClickHouse refused it (normally
+        having written nothing)."""
+        assert self.server is not None
+        batches = [self.partitions[p].batch for p in group]
+        table = batches[0].table.table
+        started = time.perf_counter()
+        self.server.insert(
+            batches[0].plan,
+            [(b.partition, b.raw_offsets, b.raw_values) for b in batches],
+            ",".join(b.raw_dedup_token for b in batches) + self.token_suffix,
+        )
         finished = time.time()
-        state.fast_penalty = 0
-        changes = len(batch.raw_values)
+        values = [v for b in batches for v in b.raw_values]
         metrics.insert_seconds.labels(table).observe(time.perf_counter() - started)
-        metrics.rows_inserted.labels(table).inc(changes)
-        metrics.batch_rows.labels(table).observe(changes)
+        metrics.rows_inserted.labels(table).inc(len(values))
+        metrics.batch_rows.labels(table).observe(len(values))
         metrics.last_insert_timestamp.set(finished)
         # Latency: the commit times of up to LATENCY_SAMPLES changes, evenly spread (decoding
         # all of them in Python is what the fast lane avoids).
         latency = metrics.end_to_end_seconds.labels(table)
-        for value in batch.raw_values[:: max(1, changes // LATENCY_SAMPLES)]:
+        for value in values[:: max(1, len(values) // LATENCY_SAMPLES)]:
             try:
                 event = self.decoder.decode(value)
             except Exception:  # ClickHouse took it; Python's opinion only matters for the metric
@@ -478,7 +599,6 @@ class Pipeline:
             if event is not None and event.commit_ts_ms is not None:
                 latency.observe(max(0.0, finished - event.commit_ts_ms / 1000))
         self.inserts += 1
-        return True
 
     def _dead_letter_unresolved(self, batch: PartitionBatch, exc: UnresolvedPrevious) -> None:
         offset_index = batch.column_names.index("_offset")
@@ -517,6 +637,8 @@ class Pipeline:
 
 
 LATENCY_SAMPLES = 256
+# A poll returns at the latest when the oldest batch is due, but never spins.
+MIN_POLL_TIMEOUT_S = 0.01
 
 
 class _Replayed:

@@ -39,6 +39,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,10 @@ INSERT_SETTINGS = {
     "min_insert_block_size_bytes": 0,
     "input_format_parallel_parsing": 0,
 }
+
+
+# One partition's messages in an insert: (partition, offsets, values), offsets ascending.
+Segment = tuple[int, list[int], list[bytes]]
 
 
 class Unsupported(Exception):
@@ -119,18 +124,22 @@ class ServerPlan:
     def header(self) -> bytes:
         return b"\x00" + self.schema_id.to_bytes(4, "big")
 
-    def payload(self, partition: int, offsets: list[int], values: list[bytes]) -> bytes:
-        """The Avro container for these messages (all with this plan's header)."""
-        if not 0 <= partition <= MAX_PARTITION or (offsets and offsets[-1] > MAX_OFFSET):
-            raise ValueError(f"partition {partition} / offset {offsets[-1]} do not fit the 8-byte coordinates")
-        base = partition << OFFSET_BITS
+    def payload(self, segments: Sequence[Segment]) -> bytes:
+        """The Avro container for these messages (all with this plan's header), partition after
+        partition: one insert may carry the batches of several partitions."""
         parts: list[bytes] = []
         extend = parts.extend
-        for offset, value in zip(offsets, values, strict=True):
-            key = (base | offset).to_bytes(8, "little")
-            extend((key, value, key))
+        count = 0
+        for partition, offsets, values in segments:
+            if not 0 <= partition <= MAX_PARTITION or (offsets and offsets[-1] > MAX_OFFSET):
+                raise ValueError(f"partition {partition} / offset {offsets[-1]} do not fit the 8-byte coordinates")
+            base = partition << OFFSET_BITS
+            for offset, value in zip(offsets, values, strict=True):
+                key = (base | offset).to_bytes(8, "little")
+                extend((key, value, key))
+            count += len(values)
         body = b"".join(parts)
-        return b"".join((self.ocf_head, zigzag_varint(len(values)), zigzag_varint(len(body)), body, SYNC))
+        return b"".join((self.ocf_head, zigzag_varint(count), zigzag_varint(len(body)), body, SYNC))
 
 
 # -- compiling a plan ---------------------------------------------------------------------------
@@ -491,12 +500,12 @@ class ServerDecoder:
         log.info("%s, schema id %d: decoded by ClickHouse through %s", table.table, schema_id, plan.staging)
         return plan, True
 
-    def insert(self, plan: ServerPlan, partition: int, offsets: list[int], values: list[bytes], token: str) -> int:
+    def insert(self, plan: ServerPlan, segments: Sequence[Segment], token: str) -> int:
         """One INSERT of the messages; returns the rows ClickHouse wrote (facts and views).
         Raises Rejected when ClickHouse refused them, anything else when it could not be asked."""
         from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
-        payload = plan.payload(partition, offsets, values)
+        payload = plan.payload(segments)
         try:
             summary = self.client.raw_insert(
                 plan.staging,

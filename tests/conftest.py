@@ -129,3 +129,23 @@ def native_stack(stack: StackEndpoints) -> StackLayout:
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def clickhouse(stack):
+    """A client of a fresh database with the consumer's tables, dropped afterwards."""
+    import uuid
+
+    import clickhouse_connect
+
+    from consumer.migrate import apply_migrations
+
+    database = f"test_db_{uuid.uuid4().hex[:8]}"
+    admin = clickhouse_connect.get_client(dsn=stack.clickhouse_url)
+    admin.command(f"CREATE DATABASE {database}")
+    client = clickhouse_connect.get_client(dsn=f"{stack.clickhouse_url}/{database}")
+    apply_migrations(client)
+    try:
+        yield client
+    finally:
+        admin.command(f"DROP DATABASE IF EXISTS {database}")

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import io
 import json
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-import clickhouse_connect
 import fastavro
 import pytest
 
 from consumer.decode import EnvelopeDecoder
 from consumer.mapping import Mapper, load_mapping
-from consumer.migrate import apply_migrations
 from consumer.registry import parse_writer_schema
 from consumer.server_decode import Rejected, ServerDecoder
 
@@ -41,19 +38,6 @@ class _Registry:
     def schema(self, schema_id: int) -> dict:
         assert schema_id == SCHEMA_ID
         return WRITER
-
-
-@pytest.fixture
-def clickhouse(stack):
-    database = f"test_fast_{uuid.uuid4().hex[:8]}"
-    admin = clickhouse_connect.get_client(dsn=stack.clickhouse_url)
-    admin.command(f"CREATE DATABASE {database}")
-    client = clickhouse_connect.get_client(dsn=f"{stack.clickhouse_url}/{database}")
-    apply_migrations(client)
-    try:
-        yield client
-    finally:
-        admin.command(f"DROP DATABASE IF EXISTS {database}")
 
 
 def reencoded(value: bytes, change) -> bytes:
@@ -101,7 +85,7 @@ def test_rows_equal_the_python_paths_and_a_retry_is_deduplicated(clickhouse) -> 
     plan = server.plan(IMPRESSIONS, values[0][:5])
     assert plan is not None
     for _ in range(2):  # the same insert again, as after a lost answer: deduplicated
-        server.insert(plan, 2, offsets, values, token="t:2:100-105:3m")
+        server.insert(plan, [(2, offsets, values)], token="t:2:100-105:3m")
     assert stored(clickhouse) == python_rows(values, offsets, 2)
     aggregate = clickhouse.query("SELECT sum(impressions), sum(spend) FROM agg_campaign_daily").result_rows[0]
     facts = clickhouse.query(f"SELECT sum(_sign), sum(_sign * cost) FROM {IMPRESSIONS.table}").result_rows[0]
@@ -137,6 +121,6 @@ def test_what_python_would_reject_makes_clickhouse_refuse_the_whole_insert(click
     server = ServerDecoder(clickhouse, lambda _id: WRITER, PLACEHOLDER)
     plan = server.plan(IMPRESSIONS, good[:5])
     with pytest.raises(Rejected):
-        server.insert(plan, 0, [1, 2, 3], [good, poison, good], token=f"poison-{name}")
+        server.insert(plan, [(0, [1, 2, 3], [good, poison, good])], token=f"poison-{name}")
     assert stored(clickhouse) == []
     assert clickhouse.query("SELECT count() FROM agg_campaign_daily").result_rows[0][0] == 0

@@ -37,7 +37,7 @@ def test_container_carries_values_unchanged_between_their_coordinates() -> None:
     values = [fixture(n)[2] for n in ("impressions_c", "impressions_u", "impressions_d")]
     plan = compile_plan(IMPRESSIONS, schema_id, parse_writer_schema(schema), PLACEHOLDER)
     assert all(v.startswith(plan.header) for v in values)
-    payload = plan.payload(3, [10, 11, 4_000_000_000], values)
+    payload = plan.payload([(3, [10, 11, 4_000_000_000], values)])
     assert payload.endswith(SYNC)
     records = list(fastavro.reader(io.BytesIO(payload)))
     assert len(records) == 3
@@ -100,6 +100,6 @@ def test_coordinates_must_fit() -> None:
     schema, schema_id, value = fixture("impressions_c")
     plan = compile_plan(IMPRESSIONS, schema_id, parse_writer_schema(schema), PLACEHOLDER)
     with pytest.raises(ValueError):
-        plan.payload(1 << 16, [0], [value])
+        plan.payload([(1 << 16, [0], [value])])
     with pytest.raises(ValueError):
-        plan.payload(0, [1 << 48], [value])
+        plan.payload([(0, [1 << 48], [value])])
