@@ -345,14 +345,33 @@ def run_latency(
         "consumer_memory": procstat.memory_trend(sampler.samples, skip_s=min(10.0, seconds / 4)),
         "consumer_exit": code,
         "consumer_messages": metric_sum(scraped_after, "cdc_messages_consumed_total"),
+        **insert_stats(scraped_before, scraped_after, wall),
     }
     progress(
         f"  latency p50 {result['p50_s']}s p99 {result['p99_s']}s max {result['max_s']}s over {len(values):,} changes "
         f"(Debezium p50/p99 {result['debezium_p50_s']}/{result['debezium_p99_s']}s, Connect's transactions "
         f"{result['transaction_p50_s']}/{result['transaction_p99_s']}s, ours {result['consumer_p50_s']}/"
-        f"{result['consumer_p99_s']}s); consumer {result['consumer_cpu_cores']} cores"
+        f"{result['consumer_p99_s']}s); consumer {result['consumer_cpu_cores']} cores, "
+        f"{result['inserts_per_s']} inserts/s of {result['insert_mean_s']}s on average, "
+        f"commits of {result['commit_mean_s']}s"
     )
     return result
+
+
+def insert_stats(before: str, after: str, wall: float) -> dict:
+    """How often the consumer inserted while streaming, and how long an insert took on average:
+    its share of the latency beyond the batch age."""
+
+    def delta(name: str) -> float:
+        return metric_sum(after, name) - metric_sum(before, name)
+
+    inserts = delta("cdc_insert_duration_seconds_count")
+    commits = delta("cdc_commit_duration_seconds_count")
+    return {
+        "inserts_per_s": round(inserts / wall, 2) if wall else None,
+        "insert_mean_s": round(delta("cdc_insert_duration_seconds_sum") / inserts, 4) if inserts else None,
+        "commit_mean_s": round(delta("cdc_commit_duration_seconds_sum") / commits, 4) if commits else None,
+    }
 
 
 def _r(x: float | None) -> float | None:
