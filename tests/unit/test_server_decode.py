@@ -37,7 +37,7 @@ def test_container_carries_values_unchanged_between_their_coordinates() -> None:
     values = [fixture(n)[2] for n in ("impressions_c", "impressions_u", "impressions_d")]
     plan = compile_plan(IMPRESSIONS, schema_id, parse_writer_schema(schema), PLACEHOLDER)
     assert all(v.startswith(plan.header) for v in values)
-    payload = plan.payload([(3, [10, 11, 4_000_000_000], values)])
+    payload = b"".join(plan.payload([(3, [10, 11, 4_000_000_000], values)]))
     assert payload.endswith(SYNC)
     records = list(fastavro.reader(io.BytesIO(payload)))
     assert len(records) == 3
@@ -47,6 +47,16 @@ def test_container_carries_values_unchanged_between_their_coordinates() -> None:
         assert record["_k"] == record["_t"] == key
         assert record["_h"] == plan.header
         assert {k: record[k] for k in ("op", "before", "after")} == {k: want[k] for k in ("op", "before", "after")}
+
+
+def test_a_payload_of_several_partitions_streams_in_blocks() -> None:
+    schema, schema_id, value = fixture("impressions_c")
+    plan = compile_plan(IMPRESSIONS, schema_id, parse_writer_schema(schema), PLACEHOLDER)
+    segments = [(0, list(range(5, 5 + 2_500)), [value] * 2_500), (7, [1, 3], [value, value])]
+    chunks = list(plan.payload(segments))
+    assert len(chunks) == 1 + 3 + 1, "the header, then blocks of at most BLOCK_MESSAGES per partition"
+    keys = [r["_k"] for r in fastavro.reader(io.BytesIO(b"".join(chunks)))]
+    assert keys == [(p << 48 | o).to_bytes(8, "little") for p, offsets, _ in segments for o in offsets]
 
 
 def test_plan_maps_every_column_and_bakes_in_the_topic() -> None:
