@@ -614,10 +614,12 @@ def main(argv: list[str] | None = None) -> int:
         _produced, results["produce"] = phase_produce(stack, args, prefix)
         del _produced
     elif phases & {"ours", "native", "floors"}:  # topics of an earlier run
-        earlier = RESULTS / f"{prefix}.json"
-        if not earlier.exists():
-            raise SystemExit(f"--prefix {prefix}: no {earlier.relative_to(REPO)} (produce first)")
-        results["produce"] = json.loads(earlier.read_text())["produce"]
+        # The run that produced them, whatever its label.
+        earlier = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{prefix}*.json"))]
+        produced = [r["produce"] for r in earlier if r.get("produce")]
+        if not produced:
+            raise SystemExit(f"--prefix {prefix}: no bench/results/{prefix}*.json with a produce phase (produce first)")
+        results["produce"] = produced[0]
     events = results.get("produce", {}).get("events", 0)
     if "ours" in phases:
         results["ours"] = phase_ours(stack, args, prefix, events)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -92,4 +93,11 @@ def run(settings: Settings) -> None:
 
         serve_operations(settings, pipeline)  # /metrics, /healthz, /readyz; lag of its partitions
     log.info("consuming %s as group %s", ", ".join(pipeline.mapping.topics), settings.group_id)
+    # The collector, left as it is, took 1.6 of the 9 CPU-s the consumer spent on 2M messages
+    # (bench/): every full collection walked all objects from start-up, and a poll of 10,000
+    # messages triggered a young collection every 700 allocations. Start-up objects are frozen
+    # out of collection and young collections are rarer: 0.13 CPU-s. The loop makes few cycles;
+    # reference counting frees its garbage.
+    gc.freeze()
+    gc.set_threshold(20_000, 10, 10)
     pipeline.run()
