@@ -331,27 +331,53 @@ class Pipeline:
                 state.batch = PartitionBatch(widened, state.batch.topic, state.batch.partition)
 
     def _flush(self, partition: Partition) -> bool:
-        """Writes the partition's batch and commits it. A batch ClickHouse decodes takes the
-        table's other such batches along: one insert per table, not per partition."""
+        """Writes the partition's batch and commits it. Batches of other partitions of the same
+        table go into the same insert: one insert per table, not per partition, where a retry
+        in another shape counts nothing twice (raw fact batches: see _flush_raw; dimension
+        rows: versioned, so a row written twice is one row)."""
         state = self.partitions[partition]
         batch = state.batch
         if batch.messages == 0:
             return True
         if batch.raw_values:
             return self._flush_raw(partition)
+        group = [partition]
+        if batch.table.role == "dimension":
+            group = self._group(
+                partition, lambda b: b.table is batch.table and b.messages > 0 and not b.raw_values, len(batch.rows)
+            )
+        batches = [self.partitions[p].batch for p in group]
         try:
-            if batch.rows:
-                self._insert(batch)
+            self._insert(batches)
         except UnresolvedPrevious as exc:
             # Rows whose unchanged columns have no previous value anywhere: dead-letter them
             # (with the row) and apply the rest.
-            self._dead_letter_unresolved(batch, exc)
+            self._dead_letter_unresolved(batches, exc)
             return self._flush(partition)
         except Exception as exc:
-            self._insert_failed([partition], batch.table.table, exc)
+            self._insert_failed(group, batch.table.table, exc)
             return False
-        self._applied([partition])
+        self._applied(group)
         return True
+
+    def _group(self, partition: Partition, joins, rows: int) -> list[Partition]:
+        """This partition and the others whose batches `joins` accepts (not paused, oldest first)
+        while the rows and bytes of them all stay within the batch policy."""
+        size = self.partitions[partition].batch.bytes
+        policy = self.config.batch
+        group = [partition]
+        peers = sorted(
+            (s.batch.started_at, p)
+            for p, s in self.partitions.items()
+            if p != partition and p not in self.paused and joins(s.batch)
+        )
+        for _, peer in peers:
+            other = self.partitions[peer].batch
+            more = len(other.rows) + len(other.raw_values)
+            if rows + more <= policy.max_rows and size + other.bytes <= policy.max_bytes:
+                group.append(peer)
+                rows, size = rows + more, size + other.bytes
+        return sorted(group)
 
     def _insert_failed(self, partitions: list[Partition], table: str, exc: Exception) -> None:
         metrics.insert_retries.labels(table).inc()
@@ -400,20 +426,29 @@ class Pipeline:
                 state.watermark = max(state.watermark, batch.last_row_offset)
             state.batch = PartitionBatch(batch.table, batch.topic, batch.partition)
 
-    def _insert(self, batch: PartitionBatch) -> None:
-        table = batch.table.table
+    def _insert(self, batches: list[PartitionBatch]) -> None:
+        rows = [row for batch in batches for row in batch.rows]
+        if not rows:
+            return
+        first = batches[0]
+        assertions: set[int] = set()
+        start = 0
+        for batch in batches:
+            assertions.update(start + i for i in batch.assertions)
+            start += len(batch.rows)
+        table = first.table.table
         started = time.perf_counter()
-        self.sink.insert(
-            batch.table, batch.column_names, batch.rows, batch.dedup_token + self.token_suffix, batch.assertions
-        )
+        token = ",".join(b.dedup_token for b in batches if b.rows) + self.token_suffix
+        self.sink.insert(first.table, first.column_names, rows, token, assertions)
         finished = time.time()
         metrics.insert_seconds.labels(table).observe(time.perf_counter() - started)
-        metrics.rows_inserted.labels(table).inc(len(batch.rows))
-        metrics.batch_rows.labels(table).observe(len(batch.rows))
+        metrics.rows_inserted.labels(table).inc(len(rows))
+        metrics.batch_rows.labels(table).observe(len(rows))
         metrics.last_insert_timestamp.set(finished)
         latency = metrics.end_to_end_seconds.labels(table)
-        for commit_ms in batch.commit_ts_ms:
-            latency.observe(max(0.0, finished - commit_ms / 1000))
+        for batch in batches:
+            for commit_ms in batch.commit_ts_ms:
+                latency.observe(max(0.0, finished - commit_ms / 1000))
         self.inserts += 1
 
     # -- the fast lane: ClickHouse decodes (consumer/server_decode.py) ------------------------
@@ -468,31 +503,18 @@ class Pipeline:
 
     def _raw_group(self, partition: Partition) -> list[Partition]:
         """The partitions whose batches go into one insert with this one's: the table's other
-        batches for ClickHouse to decode with the same plan, up to the batch policy's size; or,
-        after an insert failed, exactly the partitions it had."""
+        batches for ClickHouse to decode with the same plan; or, after an insert failed,
+        exactly the partitions it had."""
         doubt = self._doubt_of(partition)
         if doubt is not None:
             return [p for p, _, _ in doubt]
         batch = self.partitions[partition].batch
         taken = {p for doubt in self._in_doubt for p, _, _ in doubt}
-        peers = sorted(
-            (s.batch.started_at, p)
-            for p, s in self.partitions.items()
-            if p != partition
-            and p not in self.paused
-            and p not in taken
-            and s.batch.raw_values
-            and s.batch.plan is batch.plan
+        return self._group(
+            partition,
+            lambda b: b.raw_values and b.plan is batch.plan and (b.topic, b.partition) not in taken,
+            len(batch.raw_values),
         )
-        group = [partition]
-        rows, size = len(batch.raw_values), batch.bytes
-        policy = self.config.batch
-        for _, peer in peers:
-            other = self.partitions[peer].batch
-            if rows + len(other.raw_values) <= policy.max_rows and size + other.bytes <= policy.max_bytes:
-                group.append(peer)
-                rows, size = rows + len(other.raw_values), size + other.bytes
-        return sorted(group)
 
     def _flush_raw(self, partition: Partition, alone: bool = False) -> bool:
         state = self.partitions[partition]
@@ -600,22 +622,23 @@ class Pipeline:
                 latency.observe(max(0.0, finished - event.commit_ts_ms / 1000))
         self.inserts += 1
 
-    def _dead_letter_unresolved(self, batch: PartitionBatch, exc: UnresolvedPrevious) -> None:
-        offset_index = batch.column_names.index("_offset")
-        bad = set(exc.offsets)
-        for row in batch.rows:
-            if row[offset_index] in bad:
-                metrics.dead_lettered.labels("previous_value_unknown").inc()
-                self.dlq.send(
-                    source_topic=batch.topic,
-                    partition=batch.partition,
-                    offset=row[offset_index],
-                    key=None,
-                    value=repr(row).encode(),
-                    error_class="previous_value_unknown",
-                    reason=str(exc),
-                )
-        batch.rows = [row for row in batch.rows if row[offset_index] not in bad]
+    def _dead_letter_unresolved(self, batches: list[PartitionBatch], exc: UnresolvedPrevious) -> None:
+        bad = set(exc.changes)
+        for batch in batches:
+            offset_index = batch.column_names.index("_offset")
+            for row in batch.rows:
+                if (batch.partition, row[offset_index]) in bad:
+                    metrics.dead_lettered.labels("previous_value_unknown").inc()
+                    self.dlq.send(
+                        source_topic=batch.topic,
+                        partition=batch.partition,
+                        offset=row[offset_index],
+                        key=None,
+                        value=repr(row).encode(),
+                        error_class="previous_value_unknown",
+                        reason=str(exc),
+                    )
+            batch.rows = [row for row in batch.rows if (batch.partition, row[offset_index]) not in bad]
 
     def _pause(self, partition: Partition, state: PartitionState) -> None:
         if partition not in self.paused:

@@ -29,11 +29,11 @@ INSERT_SETTINGS = {
 
 
 class UnresolvedPrevious(Exception):
-    """Rows that carry KEEP_PREVIOUS for a key ClickHouse has never seen."""
+    """Rows that carry KEEP_PREVIOUS for a key ClickHouse has never seen, by (partition, offset)."""
 
-    def __init__(self, offsets: list[int], table: str):
-        super().__init__(f"{table}: no previous value for unchanged columns (offsets {offsets[:5]}…)")
-        self.offsets = offsets
+    def __init__(self, changes: list[tuple[int, int]], table: str):
+        super().__init__(f"{table}: no previous value for unchanged columns (partition, offset: {changes[:5]}…)")
+        self.changes = changes
 
 
 def connect(url: str | None, embedded_path: Path | None = None, database: str | None = None) -> Client:
@@ -207,18 +207,19 @@ class ClickHouseSink:
         key_index = [column_names.index(k) for k in table.key]
         deleted_index = column_names.index("_is_deleted")
         offset_index = column_names.index("_offset")
+        partition_index = column_names.index("_partition")
         pending_keys = {tuple(row[i] for i in key_index) for row in rows if any(v is KEEP_PREVIOUS for v in row)}
         stored = self._latest_rows(table, column_names, pending_keys)
         latest: dict[tuple, tuple] = dict(stored)
         version_index = column_names.index("_version")
         resolved: list[tuple] = []
-        unresolved: list[tuple[int, tuple, int]] = []  # (offset, key, version)
+        unresolved: list[tuple[tuple[int, int], tuple, int]] = []  # ((partition, offset), key, version)
         for row in rows:
             key = tuple(row[i] for i in key_index)
             if any(v is KEEP_PREVIOUS for v in row):
                 previous = latest.get(key)
                 if previous is None:
-                    unresolved.append((row[offset_index], key, row[version_index]))
+                    unresolved.append(((row[partition_index], row[offset_index]), key, row[version_index]))
                     continue
                 row = tuple(previous[i] if v is KEEP_PREVIOUS else v for i, v in enumerate(row))
             if row[deleted_index]:
@@ -231,10 +232,10 @@ class ClickHouseSink:
             # replay re-reading a change whose row ReplacingMergeTree merged away, of a key deleted
             # since (only the delete marker is left to take previous values from). Left out.
             newest = self._newest_versions(table, {key for _, key, _ in unresolved})
-            stale = [offset for offset, key, version in unresolved if newest.get(key, -1) > version]
+            stale = [change for change, key, version in unresolved if newest.get(key, -1) > version]
             if stale:
-                log.info("%s: %d superseded change(s) left out (offsets %s…)", table.table, len(stale), stale[:5])
-            missing = [offset for offset, key, version in unresolved if newest.get(key, -1) <= version]
+                log.info("%s: %d superseded change(s) left out (%s…)", table.table, len(stale), stale[:5])
+            missing = [change for change, key, version in unresolved if newest.get(key, -1) <= version]
             if missing:
                 raise UnresolvedPrevious(missing, table.table)
         return resolved

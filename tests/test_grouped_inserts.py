@@ -8,8 +8,10 @@ after a partition was lost or a batch grew meanwhile."""
 
 from __future__ import annotations
 
+import io
 import uuid
 
+import fastavro
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
@@ -17,12 +19,12 @@ from consumer.batch import BatchPolicy
 from consumer.decode import EnvelopeDecoder
 from consumer.dlq import DeadLetterQueue
 from consumer.pipeline import Pipeline, PipelineConfig
+from consumer.registry import parse_writer_schema
 from consumer.sink import ClickHouseSink
 from tests.test_server_decode import (
     IMPRESSIONS,
     MAPPING,
     PLACEHOLDER,
-    _Registry,
     fixture,
     python_rows,
     reencoded,
@@ -40,11 +42,11 @@ def impression(impression_id: int) -> bytes:
 
 
 class Message:
-    def __init__(self, partition: int, offset: int, value: bytes):
-        self._partition, self._offset, self._value = partition, offset, value
+    def __init__(self, topic: str, partition: int, offset: int, value: bytes):
+        self._topic, self._partition, self._offset, self._value = topic, partition, offset, value
 
     def topic(self):
-        return TOPIC
+        return self._topic
 
     def partition(self):
         return self._partition
@@ -63,7 +65,8 @@ class ScriptedLog:
     """The consumer side of Kafka for one topic: per partition a list of values at offsets 0.., read
     in order, with positions, pauses, seeks and commits as a group member sees them."""
 
-    def __init__(self, partitions: dict[int, list[bytes]]):
+    def __init__(self, partitions: dict[int, list[bytes]], topic: str = TOPIC):
+        self.topic = topic
         self.log = partitions
         self.next = dict.fromkeys(partitions, 0)
         self.paused: set[int] = set()
@@ -72,13 +75,13 @@ class ScriptedLog:
         self.callbacks = None
 
     def start(self):
-        self.callbacks[0]([(TOPIC, p) for p in sorted(self.log)])
+        self.callbacks[0]([(self.topic, p) for p in sorted(self.log)])
 
     def poll(self, max_messages, timeout):
         out = []
         for p, values in sorted(self.log.items()):
             while p not in self.paused and self.next[p] < len(values):
-                out.append(Message(p, self.next[p], values[self.next[p]]))
+                out.append(Message(self.topic, p, self.next[p], values[self.next[p]]))
                 self.next[p] += 1
         return out
 
@@ -88,11 +91,11 @@ class ScriptedLog:
     def assign(self, partition: int, values: list[bytes]) -> None:
         self.log[partition] = list(values)
         self.next[partition] = 0
-        self.callbacks[0]([(TOPIC, partition)])
+        self.callbacks[0]([(self.topic, partition)])
 
     def lose(self, partition: int) -> None:
         """The group takes the partition without a handover (a session timeout)."""
-        self.callbacks[2]([(TOPIC, partition)])
+        self.callbacks[2]([(self.topic, partition)])
         del self.log[partition]
 
     def position(self, partition):
@@ -117,6 +120,17 @@ class ScriptedLog:
         pass
 
 
+class FixtureSchemas:
+    """The registry, for the writer schemas of the captured envelopes."""
+
+    def schema(self, schema_id: int) -> dict:
+        for name in ("impressions_c", "campaign_c"):
+            schema, known, _ = fixture(name)
+            if known == schema_id:
+                return parse_writer_schema(schema)
+        raise KeyError(schema_id)
+
+
 class LostAnswer(Exception):
     """The insert reached ClickHouse, its answer did not reach us."""
 
@@ -136,7 +150,7 @@ def pipeline_on(source: ScriptedLog, client, dlq) -> Pipeline:
     config = PipelineConfig(batch=BatchPolicy(max_age_s=0), poll_timeout_s=0, retry_base_s=0, retry_max_s=0)
     pipeline = Pipeline(
         source_factory=factory,
-        decoder=EnvelopeDecoder(_Registry(), toast_placeholder=PLACEHOLDER),
+        decoder=EnvelopeDecoder(FixtureSchemas(), toast_placeholder=PLACEHOLDER),
         mapping=MAPPING,
         sink=ClickHouseSink(client),
         dlq=dlq,
@@ -291,3 +305,46 @@ def test_a_batch_that_grew_after_the_failure_adds_only_its_new_changes(target) -
     assert counted(client) == once_each(source.log)
     assert source.committed == {0: 4, 1: 3}
     assert aggregate_equals_facts(client)
+
+
+CAMPAIGNS = MAPPING.for_topic("adtech.public.campaign")
+
+
+def campaign(name: str, campaign_id: int, lsn: int) -> bytes:
+    def change(record: dict) -> None:
+        record["after"]["id"] = campaign_id
+        record["source"]["lsn"] = lsn
+
+    return reencoded_as(name, change)
+
+
+def reencoded_as(name: str, change) -> bytes:
+    schema, _, value = fixture(name)
+    writer = parse_writer_schema(schema)
+    record = fastavro.schemaless_reader(io.BytesIO(value[5:]), writer)
+    change(record)
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, writer, record)
+    return value[:5] + out.getvalue()
+
+
+def test_dimension_batches_of_all_partitions_go_in_one_insert_and_unknown_previous_values_are_dead_lettered(
+    target,
+) -> None:
+    client, dlq, dlq_topic, bootstrap = target
+    log = {
+        # The update's unchanged creative comes from the row before it.
+        0: [campaign("campaign_c", 85, lsn=1_000), campaign("campaign_u", 85, lsn=2_000)],
+        1: [campaign("campaign_u", 84, lsn=1_500)],  # a campaign never seen: its creative is known nowhere
+        2: [campaign("campaign_c", 86, lsn=1_200)],
+    }
+    source = ScriptedLog({p: list(v) for p, v in log.items()}, topic=CAMPAIGNS.topic)
+    pipeline = pipeline_on(source, client, dlq)
+    pipeline.step()
+    dlq.flush()
+    assert pipeline.inserts == 1 and source.committed == {0: 2, 1: 1, 2: 1}
+    assert dead_lettered(bootstrap, dlq_topic) == [(CAMPAIGNS.topic, 1, 0)]
+    rows = client.query(
+        "SELECT id, name, startsWith(creative, '<div') FROM dim_campaign FINAL WHERE _is_deleted = 0 ORDER BY id"
+    ).result_rows
+    assert rows == [(85, "Summer App Install - Native", 1), (86, "Back to School Retargeting - Display", 1)]

@@ -43,4 +43,4 @@ def test_a_change_without_any_newer_version_is_still_unresolved() -> None:
     rows = [update(7, version=400, offset=40), update(8, version=410, offset=41)]
     with pytest.raises(UnresolvedPrevious) as caught:
         sink._fill_previous(CAMPAIGNS, NAMES, rows)
-    assert caught.value.offsets == [41]
+    assert caught.value.changes == [(0, 41)]  # (partition, offset)
