@@ -353,24 +353,38 @@ def run_latency(
         f"{result['transaction_p50_s']}/{result['transaction_p99_s']}s, ours {result['consumer_p50_s']}/"
         f"{result['consumer_p99_s']}s); consumer {result['consumer_cpu_cores']} cores, "
         f"{result['inserts_per_s']} inserts/s of {result['insert_mean_s']}s on average, "
-        f"commits of {result['commit_mean_s']}s"
+        f"commits of {result['commit_mean_s']}s; per table {result['per_table']}"
     )
     return result
 
 
 def insert_stats(before: str, after: str, wall: float) -> dict:
-    """How often the consumer inserted while streaming, and how long an insert took on average:
-    its share of the latency beyond the batch age."""
+    """How often the consumer inserted while streaming, and how long an insert took on average
+    (in all and per table): its share of the latency beyond the batch age."""
 
-    def delta(name: str) -> float:
-        return metric_sum(after, name) - metric_sum(before, name)
+    def delta(name: str, table: str | None = None) -> float:
+        if table is None:
+            return metric_sum(after, name) - metric_sum(before, name)
+        label = f'{name}{{table="{table}"}}'
+        return metric_sum(after, label) - metric_sum(before, label)
+
+    def mean(table: str | None = None) -> float | None:
+        count = delta("cdc_insert_duration_seconds_count", table)
+        return round(delta("cdc_insert_duration_seconds_sum", table) / count, 4) if count else None
 
     inserts = delta("cdc_insert_duration_seconds_count")
     commits = delta("cdc_commit_duration_seconds_count")
     return {
         "inserts_per_s": round(inserts / wall, 2) if wall else None,
-        "insert_mean_s": round(delta("cdc_insert_duration_seconds_sum") / inserts, 4) if inserts else None,
+        "insert_mean_s": mean(),
         "commit_mean_s": round(delta("cdc_commit_duration_seconds_sum") / commits, 4) if commits else None,
+        "per_table": {
+            table: {
+                "inserts_per_s": round(delta("cdc_insert_duration_seconds_count", table) / wall, 2) if wall else None,
+                "insert_mean_s": mean(table),
+            }
+            for table in CH_TABLES
+        },
     }
 
 
