@@ -95,24 +95,41 @@ def idle_cpu_rate(pid: int, seconds: float = 3.0) -> float:
     return max(0.0, (cpu_seconds(pid) - before) / seconds)
 
 
-def memory_trend(samples: list[Sample], skip_s: float = 10.0) -> dict[str, float]:
-    """RSS at start/end/max after a warm-up, and the least-squares slope in MiB per minute."""
+def memory_trend(samples: list[Sample], skip_s: float = 10.0) -> dict:
+    """RSS at start/end/max after a warm-up, the least-squares slope in MiB per minute over all
+    of it and over its second half (a warm-up step is not a leak; a leak shows in both), and the
+    RSS once a minute, for the record."""
     if not samples:
         return {}
     t0 = samples[0].t
     steady = [s for s in samples if s.t - t0 >= skip_s] or samples
-    n = len(steady)
     mib = [s.rss / 2**20 for s in steady]
-    ts = [(s.t - t0) / 60 for s in steady]
-    slope = 0.0
-    if n >= 3:
-        mt, mm = sum(ts) / n, sum(mib) / n
-        var = sum((t - mt) ** 2 for t in ts)
-        slope = sum((t - mt) * (m - mm) for t, m in zip(ts, mib, strict=True)) / var if var else 0.0
+    minutes = [(s.t - t0) / 60 for s in steady]
+    half = len(steady) // 2
     return {
         "rss_first_mib": round(mib[0], 1),
         "rss_last_mib": round(mib[-1], 1),
         "rss_max_mib": round(max(mib), 1),
-        "rss_slope_mib_per_min": round(slope, 2),
-        "samples": n,
+        "rss_slope_mib_per_min": _slope(minutes, mib),
+        "rss_slope_second_half_mib_per_min": _slope(minutes[half:], mib[half:]),
+        "samples": len(steady),
+        "rss_per_minute_mib": [round(m, 1) for t, m in _per_minute(minutes, mib)],
     }
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    n = len(xs)
+    if n < 3:
+        return 0.0
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    return round(sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var, 2) if var else 0.0
+
+
+def _per_minute(minutes: list[float], mib: list[float]) -> list[tuple[float, float]]:
+    """The first sample of every minute."""
+    out: list[tuple[float, float]] = []
+    for t, m in zip(minutes, mib, strict=True):
+        if not out or int(t) > int(out[-1][0]):
+            out.append((t, m))
+    return out
