@@ -30,6 +30,7 @@ from tests.test_server_decode import (
     reencoded,
     stored,
 )
+from tests.unit.test_operations_units import FakeMessage
 
 pytestmark = [pytest.mark.stack]
 
@@ -39,26 +40,6 @@ GOOD = fixture("impressions_c")[2]
 
 def impression(impression_id: int) -> bytes:
     return reencoded(GOOD, lambda r: r["after"].update(id=impression_id))
-
-
-class Message:
-    def __init__(self, topic: str, partition: int, offset: int, value: bytes):
-        self._topic, self._partition, self._offset, self._value = topic, partition, offset, value
-
-    def topic(self):
-        return self._topic
-
-    def partition(self):
-        return self._partition
-
-    def offset(self):
-        return self._offset
-
-    def value(self):
-        return self._value
-
-    def key(self):
-        return None
 
 
 class ScriptedLog:
@@ -81,7 +62,7 @@ class ScriptedLog:
         out = []
         for p, values in sorted(self.log.items()):
             while p not in self.paused and self.next[p] < len(values):
-                out.append(Message(self.topic, p, self.next[p], values[self.next[p]]))
+                out.append(FakeMessage(self.next[p], p, self.topic, values[self.next[p]]))
                 self.next[p] += 1
         return out
 

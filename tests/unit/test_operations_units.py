@@ -21,8 +21,10 @@ TOPIC = "adtech.public.impressions"
 
 
 class FakeMessage:
-    def __init__(self, offset: int, partition: int = 0, topic: str = TOPIC):
-        self._offset, self._partition, self._topic = offset, partition, topic
+    """A consumed message, shaped like confluent_kafka.Message."""
+
+    def __init__(self, offset: int, partition: int = 0, topic: str = TOPIC, value: bytes = b"x"):
+        self._offset, self._partition, self._topic, self._value = offset, partition, topic, value
 
     def topic(self):
         return self._topic
@@ -34,7 +36,7 @@ class FakeMessage:
         return self._offset
 
     def value(self):
-        return b"x"
+        return self._value
 
     def key(self):
         return None
