@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -13,10 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import clickhouse_connect
+import psycopg
+import requests
 from confluent_kafka import Consumer, TopicPartition
 
 from consumer.mapping import load_mapping
 from consumer.stack.process import terminate
+from tests.debezium_helpers import AvroReader
 
 
 @dataclass
@@ -113,9 +118,77 @@ def topics_for(prefix: str) -> list[str]:
     return load_mapping(topic_prefix=prefix).topics
 
 
+def wait_delivered(stack, topic_prefix: str, timeout: float = 120) -> None:
+    """Until Debezium has emitted every change committed in Postgres so far: a marker row in
+    `cdc_heartbeat` (captured, never compared) committed now is readable in Kafka, and Debezium
+    emits in commit order. Without it "caught up" can mean caught up with a Debezium that is
+    still up to a poll interval behind Postgres."""
+    if not _connector_streams(stack.connect_url, topic_prefix):
+        return  # no Debezium writes these topics now: a test's own messages, or a finished snapshot
+    topic = f"{topic_prefix}.public.cdc_heartbeat"
+    start = end_offsets(stack.kafka_bootstrap, topic)
+    marker = random.randint(1_000_000, 2**31 - 1)
+    with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO cdc_heartbeat (id, beat_at) VALUES (%s, now())", (marker,))
+        try:
+            _wait_marker(stack, topic, start, marker, timeout)
+        finally:
+            conn.execute("DELETE FROM cdc_heartbeat WHERE id = %s", (marker,))
+
+
+def _connector_streams(connect_url: str, topic_prefix: str) -> bool:
+    connectors = requests.get(f"{connect_url}/connectors?expand=info&expand=status", timeout=30).json()
+    return any(
+        c["info"]["config"].get("topic.prefix") == topic_prefix
+        and c["info"]["config"].get("snapshot.mode") != "initial_only"
+        and c["status"]["connector"]["state"] == "RUNNING"
+        for c in connectors.values()
+    )
+
+
+def _wait_marker(stack, topic: str, start: dict[int, int], marker: int, timeout: float) -> None:
+    reader = Consumer(
+        {
+            "bootstrap.servers": stack.kafka_bootstrap,
+            "group.id": f"marker-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    avro = AvroReader(stack.schema_registry_url)
+    reader.assign([TopicPartition(topic, p, o) for p, o in start.items()])
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            for message in reader.consume(500, timeout=0.5):
+                value = message.value() if message.error() is None else None
+                if not value:
+                    continue
+                change = avro.decode(value) if value[:1] == b"\x00" else json.loads(value)
+                change = change.get("payload", change)  # JSON with or without the schema envelope
+                if (change.get("after") or {}).get("id") == marker:
+                    return
+    finally:
+        reader.close()
+    raise AssertionError(f"Debezium did not emit the marker {marker} to {topic} within {timeout}s")
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    """partition -> high watermark of `topic` (creating nothing: an unknown topic has none)."""
+    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": f"ends-{uuid.uuid4().hex[:8]}"})
+    try:
+        metadata = probe.list_topics(topic, timeout=10).topics.get(topic)
+        partitions = list(metadata.partitions) if metadata is not None and not metadata.error else []
+        return {p: probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+    finally:
+        probe.close()
+
+
 def wait_caught_up(stack, target: ConsumerTarget, process: ConsumerProcess | None = None, timeout: float = 300) -> None:
-    """Until every partition's committed offset reached the end of its topic."""
+    """Until Debezium has emitted everything committed so far, and every partition's committed
+    offset reached the end of its topic."""
     topics = topics_for(target.env["CDC_TOPIC_PREFIX"])
+    wait_delivered(stack, target.env["CDC_TOPIC_PREFIX"], timeout=min(timeout, 120))
     deadline = time.monotonic() + timeout
     lag: dict = {}
     while time.monotonic() < deadline:
