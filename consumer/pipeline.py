@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -440,15 +441,19 @@ class Pipeline:
         started = time.perf_counter()
         token = ",".join(b.dedup_token for b in batches if b.rows) + self.token_suffix
         self.sink.insert(first.table, first.column_names, rows, token, assertions)
+        self._inserted(table, started, len(rows), (ms for batch in batches for ms in batch.commit_ts_ms))
+
+    def _inserted(self, table: str, started: float, rows: int, commit_ts_ms: Iterable[int]) -> None:
+        """Metrics of an insert that returned; latency from the Postgres commit times given
+        (consumed only after the insert's end is taken)."""
         finished = time.time()
         metrics.insert_seconds.labels(table).observe(time.perf_counter() - started)
-        metrics.rows_inserted.labels(table).inc(len(rows))
-        metrics.batch_rows.labels(table).observe(len(rows))
+        metrics.rows_inserted.labels(table).inc(rows)
+        metrics.batch_rows.labels(table).observe(rows)
         metrics.last_insert_timestamp.set(finished)
         latency = metrics.end_to_end_seconds.labels(table)
-        for batch in batches:
-            for commit_ms in batch.commit_ts_ms:
-                latency.observe(max(0.0, finished - commit_ms / 1000))
+        for commit_ms in commit_ts_ms:
+            latency.observe(max(0.0, finished - commit_ms / 1000))
         self.inserts += 1
 
     # -- the fast lane: ClickHouse decodes (consumer/server_decode.py) ------------------------
@@ -604,23 +609,20 @@ class Pipeline:
             [(b.partition, b.raw_offsets, b.raw_values) for b in batches],
             ",".join(b.raw_dedup_token for b in batches) + self.token_suffix,
         )
-        finished = time.time()
         values = [v for b in batches for v in b.raw_values]
-        metrics.insert_seconds.labels(table).observe(time.perf_counter() - started)
-        metrics.rows_inserted.labels(table).inc(len(values))
-        metrics.batch_rows.labels(table).observe(len(values))
-        metrics.last_insert_timestamp.set(finished)
         # Latency: the commit times of up to LATENCY_SAMPLES changes, evenly spread (decoding
         # all of them in Python is what the fast lane avoids).
-        latency = metrics.end_to_end_seconds.labels(table)
-        for value in values[:: max(1, len(values) // LATENCY_SAMPLES)]:
+        sampled = values[:: max(1, len(values) // LATENCY_SAMPLES)]
+        self._inserted(table, started, len(values), self._commit_times(sampled))
+
+    def _commit_times(self, values: list[bytes]) -> Iterator[int]:
+        for value in values:
             try:
                 event = self.decoder.decode(value)
             except Exception:  # ClickHouse took it; Python's opinion only matters for the metric
                 continue
             if event is not None and event.commit_ts_ms is not None:
-                latency.observe(max(0.0, finished - event.commit_ts_ms / 1000))
-        self.inserts += 1
+                yield event.commit_ts_ms
 
     def _dead_letter_unresolved(self, batches: list[PartitionBatch], exc: UnresolvedPrevious) -> None:
         bad = set(exc.changes)

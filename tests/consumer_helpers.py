@@ -19,6 +19,7 @@ import psycopg
 import requests
 from confluent_kafka import Consumer, TopicPartition
 
+from consumer.lag import LagReader
 from consumer.mapping import load_mapping
 from consumer.stack.process import terminate
 from tests.debezium_helpers import AvroReader
@@ -126,7 +127,7 @@ def wait_delivered(stack, topic_prefix: str, timeout: float = 120) -> None:
     if not _connector_streams(stack.connect_url, topic_prefix):
         return  # no Debezium writes these topics now: a test's own messages, or a finished snapshot
     topic = f"{topic_prefix}.public.cdc_heartbeat"
-    start = end_offsets(stack.kafka_bootstrap, topic)
+    start = {p: offset for (_, p), offset in end_offsets(stack.kafka_bootstrap, [topic]).items()}
     marker = random.randint(1_000_000, 2**31 - 1)
     with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
         conn.execute("INSERT INTO cdc_heartbeat (id, beat_at) VALUES (%s, now())", (marker,))
@@ -173,15 +174,15 @@ def _wait_marker(stack, topic: str, start: dict[int, int], marker: int, timeout:
     raise AssertionError(f"Debezium did not emit the marker {marker} to {topic} within {timeout}s")
 
 
-def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    """partition -> high watermark of `topic` (creating nothing: an unknown topic has none)."""
-    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": f"ends-{uuid.uuid4().hex[:8]}"})
+def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
+    """(topic, partition) -> high watermark (an unknown topic has no partitions)."""
+    from confluent_kafka.admin import OffsetSpec
+
+    reader = LagReader(bootstrap, "test-probe")
     try:
-        metadata = probe.list_topics(topic, timeout=10).topics.get(topic)
-        partitions = list(metadata.partitions) if metadata is not None and not metadata.error else []
-        return {p: probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+        return reader.offsets(reader.partitions(topics), OffsetSpec.latest())
     finally:
-        probe.close()
+        reader.close()
 
 
 def wait_caught_up(stack, target: ConsumerTarget, process: ConsumerProcess | None = None, timeout: float = 300) -> None:

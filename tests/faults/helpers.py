@@ -22,7 +22,7 @@ from consumer.generate import generate
 from consumer.lag import LagReader
 from consumer.stack import process
 from consumer.verify import compare, totals
-from tests.consumer_helpers import topics_for, wait_caught_up
+from tests.consumer_helpers import end_offsets, topics_for, wait_caught_up
 
 SCALE = os.environ.get("CDC_FAULTS_SCALE", "ci").strip().lower()
 if SCALE not in ("ci", "full"):
@@ -173,16 +173,6 @@ def committed_offsets(bootstrap: str, group: str, topics: list[str]) -> dict[tup
     reader = LagReader(bootstrap, group)
     try:
         return reader.committed(reader.partitions(topics))
-    finally:
-        reader.close()
-
-
-def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
-    from confluent_kafka.admin import OffsetSpec
-
-    reader = LagReader(bootstrap, "faults-probe")
-    try:
-        return reader.offsets(reader.partitions(topics), OffsetSpec.latest())
     finally:
         reader.close()
 
