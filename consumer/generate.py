@@ -349,7 +349,15 @@ def new_campaign_traits(rng: Random) -> tuple[float, float]:
 def load_world(conn: psycopg.Connection, rng: Random) -> World:
     """Continue on what the database already holds: all advertisers and campaigns, and the most
     recent facts as candidates for corrections and fraud deletes. Read in id order so that the
-    same database state always gives the same world (and the same random draws)."""
+    same database state always gives the same world (and the same random draws). One snapshot
+    for all four reads: another writer's commit between them would leave facts of campaigns
+    this world has never seen."""
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        return _read_world(conn, rng)
+
+
+def _read_world(conn: psycopg.Connection, rng: Random) -> World:
     world = World()
     for ad_id, name, created_at in conn.execute("SELECT id, name, created_at FROM advertiser ORDER BY id"):
         world.advertisers[ad_id] = Advertiser(ad_id, name, to_micros(created_at))

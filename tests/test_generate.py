@@ -12,6 +12,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from random import Random
 
 import psycopg
 import pytest
@@ -211,6 +212,42 @@ def test_change_stream_matches_the_stats_and_keeps_creative_out_of_most_updates(
     assert len(campaign_updates) == stats.campaigns.updates
     assert len(campaign_updates) - len(untouched) == stats.creative_rewrites > 0
     assert len(untouched) > stats.creative_rewrites
+
+
+class CommitsBetweenReads:
+    """A connection on which another writer commits a campaign with an impression and a click
+    right after the campaigns were read: the moment a second generator can hit."""
+
+    def __init__(self, conn: psycopg.Connection, dsn: str) -> None:
+        self.conn, self.dsn = conn, dsn
+
+    def transaction(self) -> psycopg.Transaction:
+        return self.conn.transaction()
+
+    def execute(self, query: str, params: object = None) -> psycopg.Cursor:
+        cursor = self.conn.execute(query, params)
+        if query.startswith("SELECT id, advertiser_id"):
+            with psycopg.connect(self.dsn) as other:
+                ad_id = other.execute("INSERT INTO advertiser (name) VALUES ('late') RETURNING id").fetchone()[0]
+                cid = other.execute(
+                    "INSERT INTO campaign (advertiser_id, name) VALUES (%s, 'late') RETURNING id", [ad_id]
+                ).fetchone()[0]
+                imp_id = other.execute(
+                    "INSERT INTO impressions (campaign_id) VALUES (%s) RETURNING id", [cid]
+                ).fetchone()[0]
+                other.execute("INSERT INTO clicks (impression_id, campaign_id) VALUES (%s, %s)", [imp_id, cid])
+        return cursor
+
+
+def test_world_is_read_in_one_snapshot(own_db: str) -> None:
+    """A commit between the world's reads must not leave facts of a campaign the world lacks."""
+    generate(own_db, rate=2000, duration=0.5, seed=SEED)
+    with psycopg.connect(own_db, autocommit=True) as conn:
+        world = generator.load_world(CommitsBetweenReads(conn, own_db), Random(SEED))
+    # Without one snapshot, load_world raises KeyError on the late campaign's impression.
+    assert scalar(own_db, "SELECT max(id) FROM campaign") not in world.campaigns
+    assert scalar(own_db, "SELECT max(id) FROM advertiser") not in world.advertisers
+    assert len(world.campaigns) == scalar(own_db, "SELECT count(*) FROM campaign") - 1
 
 
 def test_two_generators_side_by_side(own_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
