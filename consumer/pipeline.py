@@ -26,7 +26,7 @@ from consumer.decode import DecodeError, EnvelopeDecoder, RegistryUnavailable
 from consumer.dlq import DeadLetterQueue
 from consumer.mapping import Mapper, Mapping, MappingError, NewColumns, TableMapping
 from consumer.server_decode import Rejected, ServerDecoder, for_sink, server_fallbacks
-from consumer.sink import AppliedOffsets, ClickHouseSink, UnresolvedPrevious
+from consumer.sink import AppliedOffsets, ClickHouseSink, LatestRows, UnresolvedPrevious
 from consumer.source import KafkaSource, Partition
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class PartitionState:
     fast_table: object = None  # the table mapping fast_plan was made for
     fast_after: int = 0
     fast_penalty: int = 0
+    latest: LatestRows | None = None  # dimension partitions: the rows last applied, by key
 
 
 @dataclass
@@ -71,6 +72,7 @@ class PipelineConfig:
     truncate_action: Literal["dlq", "skip"] = "dlq"
     # Fact batches decoded and mapped by ClickHouse itself (consumer/server_decode.py).
     server_decode: bool = True
+    latest_rows_kept: int = 10_000  # per dimension partition (consumer.sink.LatestRows)
 
 
 class Pipeline:
@@ -126,7 +128,9 @@ class Pipeline:
             applied = self.sink.applied_offsets(table.table, topic)
             for t, p in partitions:
                 if t == topic:
-                    self.partitions[(t, p)] = PartitionState(PartitionBatch(table, t, p), applied.get(p, -1))
+                    self.partitions[(t, p)] = PartitionState(
+                        PartitionBatch(table, t, p), applied.get(p, -1), latest=self._latest_rows(table)
+                    )
         log.info("assigned %s", sorted(partitions))
         metrics.assigned_partitions.set(len(self.partitions))
 
@@ -137,10 +141,15 @@ class Pipeline:
         ranges = {p: self.bounds[(topic, p)] for p in partitions if (topic, p) in self.bounds}
         present = self.sink.applied_in_ranges(table.table, topic, ranges)
         for p in partitions:
-            state = PartitionState(PartitionBatch(table, topic, p), -1, applied=present.get(p))
+            state = PartitionState(
+                PartitionBatch(table, topic, p), -1, applied=present.get(p), latest=self._latest_rows(table)
+            )
             self.partitions[(topic, p)] = state
             if p in ranges and len(ranges[p]) == 0:
                 self.finished.add((topic, p))
+
+    def _latest_rows(self, table: TableMapping) -> LatestRows | None:
+        return LatestRows(self.config.latest_rows_kept) if table.role == "dimension" else None
 
     def _bounded(self, partition: Partition, offset: int) -> int | None:
         """The offset to commit: never past the partition's bound; None: commit nothing."""
@@ -440,7 +449,8 @@ class Pipeline:
         table = first.table.table
         started = time.perf_counter()
         token = ",".join(b.dedup_token for b in batches if b.rows) + self.token_suffix
-        self.sink.insert(first.table, first.column_names, rows, token, assertions)
+        latest = {(b.topic, b.partition): self.partitions[(b.topic, b.partition)].latest for b in batches}
+        self.sink.insert(first.table, first.column_names, rows, token, assertions, latest)
         self._inserted(table, started, len(rows), (ms for batch in batches for ms in batch.commit_ts_ms))
 
     def _inserted(self, table: str, started: float, rows: int, commit_ts_ms: Iterable[int]) -> None:

@@ -54,6 +54,7 @@ def build_pipeline(settings: Settings, topics: list[str] | None = None, bounds: 
             poll_messages=settings.poll_max_messages,
             truncate_action=settings.truncate_action,
             server_decode=settings.server_decode,
+            latest_rows_kept=settings.latest_rows_kept,
         ),
         bounds=bounds,
     )

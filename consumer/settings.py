@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     # Fact batches decoded and mapped by ClickHouse (INSERT … FORMAT Avro into a staging table
     # whose materialized view writes the rows): ~10x less CPU than decoding in Python.
     server_decode: bool = True
+    # Per dimension partition, the rows last applied, by key: a change's unchanged (TOASTed)
+    # columns come from there instead of a ClickHouse look-up. 0: always ask ClickHouse.
+    latest_rows_kept: int = Field(10_000, ge=0)
 
     @classmethod
     def settings_customise_sources(

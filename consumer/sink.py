@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -78,6 +80,39 @@ class AppliedOffsets:
         return len(self.runs)
 
 
+class LatestRows:
+    """The last row applied for each key of one dimension partition: the next change's unchanged
+    (TOASTed) columns are filled from it without asking ClickHouse — a look-up that reads every
+    stored version of the large column, and grows with the table.
+
+    Kept per partition and per assignment (another consumer may apply changes in between) and
+    trusted only for a change at a later offset: a partition read again from an earlier offset,
+    after a failed insert, asks ClickHouse. The least recently used keys go beyond `capacity`."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._rows: OrderedDict[tuple, tuple[int, tuple]] = OrderedDict()
+
+    def before(self, key: tuple, offset: int) -> tuple | None:
+        """The key's row applied from an offset below `offset`, if kept."""
+        entry = self._rows.get(key)
+        if entry is None or entry[0] >= offset:
+            return None
+        self._rows.move_to_end(key)
+        return entry[1]
+
+    def remember(self, key: tuple, offset: int, row: tuple | None) -> None:
+        """The key's row applied from `offset`; None: deleted (ClickHouse knows what follows)."""
+        self._rows.pop(key, None)
+        if row is not None and self.capacity:
+            self._rows[key] = (offset, row)
+            if len(self._rows) > self.capacity:
+                self._rows.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
 class ClickHouseSink:
     def __init__(self, client: Client):
         self.client = client
@@ -141,9 +176,13 @@ class ClickHouseSink:
         rows: list[tuple],
         token: str,
         assertions: set[int] | frozenset[int] = frozenset(),
+        latest: Mapping[tuple[str, int], LatestRows | None] | None = None,
     ) -> None:
+        """`latest`: for dimension tables, the rows last applied per (topic, partition), used
+        for unchanged columns and updated once the insert returned."""
+        latest = latest or {}
         if table.role == "dimension":
-            rows = self._fill_previous(table, column_names, rows)
+            rows = self._fill_previous(table, column_names, rows, latest)
         elif assertions:
             rows = self._reconcile_assertions(table, column_names, rows, assertions)
         if not rows:
@@ -154,6 +193,12 @@ class ClickHouseSink:
             column_names=column_names,
             settings={**INSERT_SETTINGS, "insert_deduplication_token": token},
         )
+        if table.role == "dimension" and latest:
+            at = _Coordinates(table, column_names)
+            for row in rows:
+                kept = latest.get((row[at.topic], row[at.partition]))
+                if kept is not None:
+                    kept.remember(at.key(row), row[at.offset], None if row[at.deleted] else row)
 
     def _reconcile_assertions(
         self, table: TableMapping, column_names: list[str], rows: list[tuple], assertions: set[int] | frozenset[int]
@@ -199,33 +244,42 @@ class ClickHouseSink:
             live.update((tuple(record[:width]), tuple(record[width])) for record in result.result_rows)
         return live
 
-    def _fill_previous(self, table: TableMapping, column_names: list[str], rows: list[tuple]) -> list[tuple]:
+    def _fill_previous(
+        self,
+        table: TableMapping,
+        column_names: list[str],
+        rows: list[tuple],
+        latest: Mapping[tuple[str, int], LatestRows | None] | None = None,
+    ) -> list[tuple]:
         """Replace KEEP_PREVIOUS by the column's latest value: from earlier rows of this batch,
-        else from ClickHouse. Dimension batches are small, so one query per batch is cheap."""
-        if not any(value is KEEP_PREVIOUS for row in rows for value in row):
-            return rows
-        key_index = [column_names.index(k) for k in table.key]
-        deleted_index = column_names.index("_is_deleted")
-        offset_index = column_names.index("_offset")
-        partition_index = column_names.index("_partition")
-        pending_keys = {tuple(row[i] for i in key_index) for row in rows if any(v is KEEP_PREVIOUS for v in row)}
-        stored = self._latest_rows(table, column_names, pending_keys)
-        latest: dict[tuple, tuple] = dict(stored)
-        version_index = column_names.index("_version")
+        else from the rows last applied from the partition (`latest`), else from ClickHouse."""
+        latest = latest or {}
+        at = _Coordinates(table, column_names)
+
+        def kept(row: tuple, key: tuple) -> tuple | None:
+            rows_of_partition = latest.get((row[at.topic], row[at.partition]))
+            return None if rows_of_partition is None else rows_of_partition.before(key, row[at.offset])
+
+        in_batch: dict[tuple, tuple | None] = {}  # key → its row so far in this batch; None: deleted
+        ask: set[tuple] = set()
+        for row in rows:
+            key = at.key(row)
+            if key not in in_batch and KEEP_PREVIOUS in row and kept(row, key) is None:
+                ask.add(key)
+            in_batch[key] = row
+        stored = self._latest_rows(table, column_names, ask) if ask else {}
+        in_batch.clear()
         resolved: list[tuple] = []
         unresolved: list[tuple[tuple[int, int], tuple, int]] = []  # ((partition, offset), key, version)
         for row in rows:
-            key = tuple(row[i] for i in key_index)
-            if any(v is KEEP_PREVIOUS for v in row):
-                previous = latest.get(key)
+            key = at.key(row)
+            if KEEP_PREVIOUS in row:
+                previous = in_batch[key] if key in in_batch else kept(row, key) or stored.get(key)
                 if previous is None:
-                    unresolved.append(((row[partition_index], row[offset_index]), key, row[version_index]))
+                    unresolved.append(((row[at.partition], row[at.offset]), key, row[at.version]))
                     continue
                 row = tuple(previous[i] if v is KEEP_PREVIOUS else v for i, v in enumerate(row))
-            if row[deleted_index]:
-                latest.pop(key, None)
-            else:
-                latest[key] = row
+            in_batch[key] = None if row[at.deleted] else row
             resolved.append(row)
         if unresolved:
             # A version older than one ClickHouse holds for its key changes nothing under FINAL: a
@@ -268,6 +322,21 @@ class ClickHouseSink:
                 key = tuple(by_name[k] for k in table.key)
                 latest[key] = tuple(by_name[c] for c in column_names)
         return latest
+
+
+class _Coordinates:
+    """Where a row of `column_names` keeps its key, version, delete flag and Kafka coordinates."""
+
+    def __init__(self, table: TableMapping, column_names: list[str]):
+        self._key = [column_names.index(k) for k in table.key]
+        self.version = column_names.index("_version")
+        self.deleted = column_names.index("_is_deleted")
+        self.topic = column_names.index("_topic")
+        self.partition = column_names.index("_partition")
+        self.offset = column_names.index("_offset")
+
+    def key(self, row: tuple) -> tuple:
+        return tuple(row[i] for i in self._key)
 
 
 KEYS_PER_QUERY = 2_000  # query parameters travel as HTTP form fields, which have a size limit

@@ -329,3 +329,26 @@ def test_dimension_batches_of_all_partitions_go_in_one_insert_and_unknown_previo
         "SELECT id, name, startsWith(creative, '<div') FROM dim_campaign FINAL WHERE _is_deleted = 0 ORDER BY id"
     ).result_rows
     assert rows == [(85, "Summer App Install - Native", 1), (86, "Back to School Retargeting - Display", 1)]
+
+
+def test_unchanged_columns_come_from_the_row_last_applied_until_the_partition_changes_hands(target) -> None:
+    """The rows last applied from a partition fill the next change's unchanged creative: shown by
+    taking them out of ClickHouse, which then could not. A new assignment starts without them."""
+    client, dlq, dlq_topic, bootstrap = target
+    source = ScriptedLog({0: [campaign("campaign_c", 85, lsn=1_000)]}, topic=CAMPAIGNS.topic)
+    pipeline = pipeline_on(source, client, dlq)
+    pipeline.step()
+    client.command("TRUNCATE TABLE dim_campaign")
+    source.append(0, campaign("campaign_u", 85, lsn=2_000))
+    pipeline.step()
+    creative = "SELECT startsWith(creative, '<div') FROM dim_campaign FINAL WHERE id = 85 AND _is_deleted = 0"
+    assert client.query(creative).result_rows == [(1,)]
+
+    source.lose(0)
+    source.assign(0, [campaign("campaign_c", 85, lsn=1_000), campaign("campaign_u", 85, lsn=2_000)])
+    client.command("TRUNCATE TABLE dim_campaign")  # after the watermark (offset 1) was read
+    source.append(0, campaign("campaign_u", 85, lsn=3_000))
+    pipeline.step()
+    dlq.flush()
+    assert source.committed == {0: 3}
+    assert dead_lettered(bootstrap, dlq_topic) == [(CAMPAIGNS.topic, 0, 2)]  # and not offset 1
