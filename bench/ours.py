@@ -124,6 +124,7 @@ def run_ours(
         progress(f"  consumer pid {consumer.pid} consuming after {startup_s:.1f}s")
         done = wait_caught_up(consumer, group, ends, timeout)
         consumer_cpu = procstat.cpu_seconds(consumer.pid)
+        threads = procstat.thread_cpu(consumer.pid)
         ch_cpu1 = procstat.cpu_seconds(clickhouse_pid) if clickhouse_pid else 0.0
         sampler.stop()
         peak = max(sampler.peak_rss, procstat.peak_rss_bytes(consumer.pid))
@@ -154,6 +155,7 @@ def run_ours(
         "events_per_s": round(events / ingest_s, 1),
         "consumer_cpu_s": round(consumer_cpu, 3),
         "consumer_startup_cpu_s": round(startup_cpu, 3),
+        "consumer_threads_cpu_s": threads,  # start-up included
         "clickhouse_cpu_s": None if ch_cpu is None else round(ch_cpu, 3),
         "clickhouse_idle_cpu_per_s": round(ch_idle, 4),
         "consumer_cpu_s_per_million": round(consumer_cpu * per_million, 3),

@@ -25,6 +25,23 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime + cutime + cstime) / CLK_TCK
 
 
+def thread_cpu(pid: int) -> dict[str, dict[str, float]]:
+    """User and system CPU seconds of `pid`'s threads, summed by thread name with digits dropped
+    (librdkafka's `rdk:broker1` and `rdk:broker2` are one entry; the interpreter's is `python`)."""
+    by_name: dict[str, dict[str, float]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip().rstrip("0123456789") or "?"
+            text = (task / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended meanwhile
+        utime, stime = (int(x) / CLK_TCK for x in text[text.rindex(")") + 2 :].split()[11:13])
+        entry = by_name.setdefault(name, {"user_s": 0.0, "system_s": 0.0})
+        entry["user_s"] += utime
+        entry["system_s"] += stime
+    return {name: {k: round(v, 2) for k, v in cpu.items()} for name, cpu in sorted(by_name.items())}
+
+
 def _status(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
