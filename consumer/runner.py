@@ -30,7 +30,7 @@ def build_pipeline(settings: Settings, topics: list[str] | None = None, bounds: 
         mapping = load_mapping(settings.mapping_file, settings.topic_prefix)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    client = connect(settings.clickhouse_url, settings.clickhouse_embedded_path)
+    client = connect(settings.clickhouse_url, settings.clickhouse_embedded_path, compress=settings.clickhouse_compress)
     applied = apply_migrations(client)
     if applied:
         log.info("applied ClickHouse migrations: %s", ", ".join(applied))

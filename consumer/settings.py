@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     connect_url: str | None = None
     schema_registry_url: str | None = None
     clickhouse_url: str | None = None
+    # LZ4 on the HTTP inserts and results: for a ClickHouse across a slow network (costs CPU).
+    clickhouse_compress: bool = False
     prometheus_url: str | None = None
 
     # The consumer (`cdc-consumer run`)

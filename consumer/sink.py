@@ -38,9 +38,14 @@ class UnresolvedPrevious(Exception):
         self.changes = changes
 
 
-def connect(url: str | None, embedded_path: Path | None = None, database: str | None = None) -> Client:
+def connect(
+    url: str | None, embedded_path: Path | None = None, database: str | None = None, compress: bool = False
+) -> Client:
     """A client for `CDC_CLICKHOUSE_URL` (http[s]://user:password@host:port/database), or, with no
-    URL, an embedded ClickHouse (chDB) keeping its data in `embedded_path`."""
+    URL, an embedded ClickHouse (chDB) keeping its data in `embedded_path`. `compress`: LZ4 on
+    inserts and results, for a ClickHouse across a slow network; it costs CPU on both ends (8 % of
+    the consumer's insert path and about as much of ClickHouse's in the benchmark), and TOASTed
+    values are often incompressible anyway."""
     if not url:
         path = embedded_path or Path(".cdc-clickhouse")
         path.mkdir(parents=True, exist_ok=True)
@@ -57,6 +62,7 @@ def connect(url: str | None, embedded_path: Path | None = None, database: str | 
         "connect_timeout": 10,
         "send_receive_timeout": 120,
         "autogenerate_session_id": False,
+        "compress": compress,
     }
     database = database or parsed.path.strip("/") or None
     if database:
