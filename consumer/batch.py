@@ -18,7 +18,7 @@ from consumer.mapping import TableMapping
 class BatchPolicy:
     max_rows: int = 50_000
     max_bytes: int = 32 * 2**20
-    max_age_s: float = 1.0
+    max_age_s: float = 0.5
 
 
 @dataclass

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     clickhouse_embedded_path: Path = Path(".cdc-clickhouse")
     batch_max_rows: int = Field(50_000, gt=0)
     batch_max_bytes: int = Field(32 * 2**20, gt=0)
-    batch_max_age_s: float = Field(1.0, gt=0)
+    batch_max_age_s: float = Field(0.5, gt=0)
     poll_max_messages: int = Field(10_000, gt=0)
     metrics_port: int = Field(19108, ge=0, le=65535)
     # A TRUNCATE in Postgres: "dlq" sends the event to the dead-letter topic for an operator to act
