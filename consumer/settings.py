@@ -50,8 +50,8 @@ class Settings(BaseSettings):
     mapping_file: Path | None = None
     dlq_topic: str = "cdc-consumer.dlq"
     clickhouse_embedded_path: Path = Path(".cdc-clickhouse")
-    batch_max_rows: int = Field(50_000, gt=0)
-    batch_max_bytes: int = Field(32 * 2**20, gt=0)
+    batch_max_rows: int = Field(200_000, gt=0)
+    batch_max_bytes: int = Field(64 * 2**20, gt=0)
     batch_max_age_s: float = Field(0.5, gt=0)
     poll_max_messages: int = Field(10_000, gt=0)
     metrics_port: int = Field(19108, ge=0, le=65535)
