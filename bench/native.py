@@ -125,9 +125,12 @@ def run_native(
         for statement in ddl:
             db.command(statement)
         stagings[table.topic] = staging
+    settle_s = procstat.merges_settled(ch_client)
     idle = procstat.idle_cpu_rate(clickhouse_pid) if clickhouse_pid else 0.0
     per_topic = {}
-    cpu_total = wall_total = 0.0
+    inserts_cpu = wall_total = 0.0
+    phase_cpu0 = procstat.cpu_seconds(clickhouse_pid) if clickhouse_pid else 0.0
+    phase_started = time.monotonic()
     for topic, values in messages_by_topic.items():
         body = b"".join(values)
         cpu0 = procstat.cpu_seconds(clickhouse_pid) if clickhouse_pid else 0.0
@@ -153,9 +156,15 @@ def run_native(
             "wall_s": round(wall, 3),
             "cpu_s": round(cpu, 3),
         }
-        cpu_total += max(cpu, 0.0)
+        inserts_cpu += max(cpu, 0.0)
         wall_total += wall
         progress(f"  {topic}: {len(values):,} messages in {wall:.2f}s, ClickHouse {cpu:.2f} CPU-s")
+    # The merges of what the inserts wrote are part of the ingest's cost, as they are of ours.
+    merges_s = procstat.merges_settled(ch_client)
+    cpu_total = 0.0
+    if clickhouse_pid:
+        elapsed = time.monotonic() - phase_started
+        cpu_total = max(inserts_cpu, procstat.cpu_seconds(clickhouse_pid) - phase_cpu0 - idle * elapsed)
     counts = {
         t.table: int(
             db.query(f"SELECT {'sum(_sign)' if t.role == 'fact' else 'count()'} FROM {t.table}").result_rows[0][0]
@@ -169,6 +178,9 @@ def run_native(
         "events_per_s": round(events / wall_total, 1) if wall_total else None,
         "clickhouse_cpu_s": round(cpu_total, 3),
         "clickhouse_idle_cpu_per_s": round(idle, 4),
+        "clickhouse_inserts_cpu_s": round(inserts_cpu, 3),
+        "clickhouse_quiet_before_s": settle_s,
+        "clickhouse_merges_after_s": merges_s,
         "cpu_s_per_million": round(cpu_total * 1e6 / events, 3),
         "events_per_cpu_s": round(events / cpu_total, 1) if cpu_total else None,
         "per_topic": per_topic,

@@ -105,12 +105,15 @@ def run_ours(
     group_id: str,
     ends: dict[Partition, int],
     clickhouse_pid: int | None,
+    clickhouse,
     events: int,
     log: Path,
     timeout: float,
     progress=print,
 ) -> dict:
-    """Start the consumer on fresh topics, wait for group lag 0; CPU of both processes from /proc."""
+    """Start the consumer on fresh topics, wait for group lag 0; CPU of both processes from /proc,
+    ClickHouse's up to the end of the merges of what the consumer wrote."""
+    settle_s = procstat.merges_settled(clickhouse)
     ch_idle = procstat.idle_cpu_rate(clickhouse_pid) if clickhouse_pid else 0.0
     ch_cpu0 = procstat.cpu_seconds(clickhouse_pid) if clickhouse_pid else 0.0
     group = GroupProgress(bootstrap, group_id, list(ends))
@@ -125,7 +128,9 @@ def run_ours(
         done = wait_caught_up(consumer, group, ends, timeout)
         consumer_cpu = procstat.cpu_seconds(consumer.pid)
         threads = procstat.thread_cpu(consumer.pid)
+        merges_s = procstat.merges_settled(clickhouse)
         ch_cpu1 = procstat.cpu_seconds(clickhouse_pid) if clickhouse_pid else 0.0
+        settled = time.monotonic()
         sampler.stop()
         peak = max(sampler.peak_rss, procstat.peak_rss_bytes(consumer.pid))
         inserts = rows = 0.0
@@ -142,7 +147,7 @@ def run_ours(
     if code not in (0, None):
         raise RuntimeError(f"consumer exited with {code}:\n{consumer.tail()}")
     ingest_s = done - started
-    ch_cpu = max(0.0, ch_cpu1 - ch_cpu0 - ch_idle * (done - spawned)) if clickhouse_pid else None
+    ch_cpu = max(0.0, ch_cpu1 - ch_cpu0 - ch_idle * (settled - spawned)) if clickhouse_pid else None
     per_million = 1e6 / events
     # Start-up (interpreter, imports, migrations, group join) is reported apart: per-million
     # figures are for the ingest itself.
@@ -158,6 +163,8 @@ def run_ours(
         "consumer_threads_cpu_s": threads,  # start-up included
         "clickhouse_cpu_s": None if ch_cpu is None else round(ch_cpu, 3),
         "clickhouse_idle_cpu_per_s": round(ch_idle, 4),
+        "clickhouse_quiet_before_s": settle_s,
+        "clickhouse_merges_after_s": merges_s,
         "consumer_cpu_s_per_million": round(consumer_cpu * per_million, 3),
         "clickhouse_cpu_s_per_million": None if ch_cpu is None else round(ch_cpu * per_million, 3),
         "total_cpu_s_per_million": None if ch_cpu is None else round((consumer_cpu + ch_cpu) * per_million, 3),

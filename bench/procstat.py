@@ -42,6 +42,28 @@ def thread_cpu(pid: int) -> dict[str, dict[str, float]]:
     return {name: {k: round(v, 2) for k, v in cpu.items()} for name, cpu in sorted(by_name.items())}
 
 
+def merges_settled(client, timeout: float = 180.0, quiet_s: float = 1.0) -> float:
+    """Wait until ClickHouse has had no merge running for `quiet_s`; the seconds waited.
+
+    Merges are part of an ingest's cost, and run after its inserts returned: a phase measured
+    while the previous phase's merges run is charged with them (the native ingest measured
+    2.0-3.1 CPU-s per million that way, depending on what ran before it). So every phase waits
+    for quiet before it starts, and for its own merges before it stops counting."""
+    began = time.monotonic()
+    quiet_since = None
+    while time.monotonic() - began < timeout:
+        running = int(client.query("SELECT count() FROM system.merges").result_rows[0][0])
+        now = time.monotonic()
+        if running:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = now
+        elif now - quiet_since >= quiet_s:
+            break
+        time.sleep(0.1)
+    return round(time.monotonic() - began, 2)
+
+
 def _status(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):

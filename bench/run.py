@@ -281,6 +281,7 @@ def phase_ours(stack: Stack, args, prefix: str, events: int) -> dict:
         group_id=group,
         ends=ends,
         clickhouse_pid=stack.clickhouse_pid,
+        clickhouse=stack.ch(),
         events=events,
         log=RESULTS / "logs" / f"{prefix}-consumer.log",
         timeout=args.timeout,
