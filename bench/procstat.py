@@ -45,10 +45,10 @@ def thread_cpu(pid: int) -> dict[str, dict[str, float]]:
 def merges_settled(client, timeout: float = 180.0, quiet_s: float = 1.0) -> float:
     """Wait until ClickHouse has had no merge running for `quiet_s`; the seconds waited.
 
-    Merges are part of an ingest's cost, and run after its inserts returned: a phase measured
-    while the previous phase's merges run is charged with them (the native ingest measured
-    2.0-3.1 CPU-s per million that way, depending on what ran before it). So every phase waits
-    for quiet before it starts, and for its own merges before it stops counting."""
+    Merges are part of an ingest's cost and run after its inserts returned, so every phase waits
+    for quiet before it starts (not to be charged with the previous phase's merges) and for its
+    own merges before it stops counting. (On the benchmark's data none were running at either
+    point; the spread between runs came from a cold server, see `cpu_rounds` in run.py.)"""
     began = time.monotonic()
     quiet_since = None
     while time.monotonic() - began < timeout:

@@ -86,13 +86,13 @@ class PartitionBatch:
     def column_names(self) -> list[str]:
         return [*self.table.column_names, "_topic", "_partition", "_offset"]
 
-    def add_raw(self, offset: int, value: bytes, key: bytes | None, plan: Any) -> None:
+    def add_raw(self, offset: int, value: bytes, size: int, key: bytes | None, plan: Any) -> None:
         """A message ClickHouse will decode (only while the batch holds no rows)."""
         if self.messages == 0:
             self.started_at = time.monotonic()
         self.messages += 1
         self.last_offset = offset
-        self.bytes += len(value)
+        self.bytes += size
         self.raw_offsets.append(offset)
         self.raw_values.append(value)
         self.raw_keys.append(key)

@@ -225,8 +225,9 @@ class Pipeline:
                 if state is None or partition in blocked:
                     continue
                 value, offset = message.value(), message.offset()
+                size = len(value) if value else 0
                 state.consumed += 1
-                state.consumed_bytes += len(value) if value else 0
+                state.consumed_bytes += size
                 # Inline, the common case: the next message of a batch ClickHouse decodes, with
                 # the header of the messages before it (a call costs as much as this check).
                 batch = state.batch
@@ -237,7 +238,7 @@ class Pipeline:
                     and value.startswith(state.fast_header)
                     and offset > state.watermark
                 ):
-                    batch.add_raw(offset, value, message.key(), batch.plan)
+                    batch.add_raw(offset, value, size, message.key(), batch.plan)
                 elif not self._handle(partition, message):
                     blocked.add(partition)
         finally:
@@ -297,7 +298,7 @@ class Pipeline:
             state.batch.skip(offset)
             return True
         fast_lane = state.batch.raw_values or (self.server is not None and not state.batch.rows)
-        if fast_lane and self._fast(partition, state, message, offset, value):
+        if fast_lane and self._fast(partition, state, message, offset, value, size):
             return True
         try:
             event = self.decoder.decode(value)
@@ -481,7 +482,7 @@ class Pipeline:
         self.inserts += 1
 
     # -- the fast lane: ClickHouse decodes (consumer/server_decode.py) ------------------------
-    def _fast(self, partition: Partition, state: PartitionState, message, offset: int, value) -> bool:
+    def _fast(self, partition: Partition, state: PartitionState, message, offset: int, value, size: int) -> bool:
         """Adds the message to a batch ClickHouse will decode, if it can. False: the caller
         applies it in Python (after the batch's raw messages were turned into rows)."""
         batch = state.batch
@@ -496,7 +497,7 @@ class Pipeline:
                 if plan is not None:
                     state.fast_header, state.fast_plan, state.fast_table = plan.header, plan, batch.table
             if plan is not None and (batch.plan is None or batch.plan is plan):
-                batch.add_raw(offset, value, message.key(), plan)
+                batch.add_raw(offset, value, size, message.key(), plan)
                 return True
         if batch.raw_values:
             self._demote(partition, state)

@@ -266,15 +266,15 @@ class ClickHouseSink:
             rows_of_partition = latest.get((row[at.topic], row[at.partition]))
             return None if rows_of_partition is None else rows_of_partition.before(key, row[at.offset])
 
-        in_batch: dict[tuple, tuple | None] = {}  # key → its row so far in this batch; None: deleted
-        ask: set[tuple] = set()
+        seen: set[tuple] = set()
+        ask: set[tuple] = set()  # keys whose first row in this batch needs what ClickHouse holds
         for row in rows:
             key = at.key(row)
-            if key not in in_batch and KEEP_PREVIOUS in row and kept(row, key) is None:
+            if key not in seen and KEEP_PREVIOUS in row and kept(row, key) is None:
                 ask.add(key)
-            in_batch[key] = row
+            seen.add(key)
         stored = self._latest_rows(table, column_names, ask) if ask else {}
-        in_batch.clear()
+        in_batch: dict[tuple, tuple | None] = {}  # key → its row so far in this batch; None: deleted
         resolved: list[tuple] = []
         unresolved: list[tuple[tuple[int, int], tuple, int]] = []  # ((partition, offset), key, version)
         for row in rows:
