@@ -209,7 +209,7 @@ def phase_produce(stack: Stack, args, prefix: str) -> tuple[ev.Produced, dict]:
     ev.check_against_real(real, ev.registry_schema(stack.registry), report, "stack Debezium")
     captured, captured_schemas = captured_fixture_messages()
     ev.check_against_real(captured, captured_schemas.__getitem__, report, "captured")
-    source = {"version": "3.6.1.Final", "connector": "postgresql", "db": "adtech"}
+    source = {"version": "3.7.0.Final", "connector": "postgresql", "db": "adtech"}
     if real:
         import io
 

@@ -8,13 +8,14 @@ import os
 import signal
 import time
 
+import psycopg
 import pytest
 import requests
 
 from consumer.runner import STALLED_EXIT_CODE
 from consumer.stack import manager, process
 from consumer.stack.components import ClickHouse, Kafka, KafkaConnect, SchemaRegistry
-from tests.consumer_helpers import new_target, start_consumer
+from tests.consumer_helpers import end_offsets, new_target, start_consumer
 from tests.faults.helpers import (
     Probe,
     Result,
@@ -163,6 +164,61 @@ def test_kafka_connect_worker_killed_and_restarted_during_streaming(stack, nativ
             stack,
             target,
             Result("Kafka Connect worker kill -9", traffic.events, recovery_s=recovery, note="during streaming"),
+            process=consumer,
+        )
+    finally:
+        if worker.pid is None:
+            _restart(worker)
+        consumer.stop()
+
+
+# Rows of one COPY, and the share of them in Kafka when the worker is killed.
+COPY_ROWS = 200_000
+KILL_AT = COPY_ROWS // 10
+
+
+def test_kafka_connect_worker_killed_inside_one_copy(stack, native_stack, tmp_path) -> None:
+    """debezium/dbz#1554: a COPY writes its rows as multi-insert WAL records, so many changes share
+    one LSN. A worker killed while Debezium streams such a transaction resumes, on restart, from
+    its stored offset: a Debezium that tracks only the LSN skips the rest of that LSN's rows
+    (3.6.1 lost 48 and 91 changes in two of the scenario above). Here the kill lands inside one
+    large COPY every time."""
+    target = new_target(stack, tmp_path)
+    consumer = start_consumer(target, tmp_path)
+    worker = KafkaConnect(native_stack)
+    topic = next(t for t in mapped_topics(target) if t.endswith(".impressions"))
+    try:
+        warm_up(stack, target, consumer)
+        before = sum(end_offsets(stack.kafka_bootstrap, [topic]).values())
+        with psycopg.connect(stack.postgres_dsn) as conn:
+            (advertiser,) = conn.execute("INSERT INTO advertiser (name) VALUES ('copy-kill') RETURNING id").fetchone()
+            (campaign,) = conn.execute(
+                "INSERT INTO campaign (advertiser_id, name) VALUES (%s, 'copy-kill') RETURNING id", (advertiser,)
+            ).fetchone()
+            with conn.cursor().copy("COPY impressions (campaign_id, created_at, cost) FROM STDIN") as copy:
+                for i in range(COPY_ROWS):
+                    copy.write_row((campaign, "2026-11-30 12:00:00+00", f"0.{i % 1000:06d}"))
+
+        def emitted() -> int:
+            return sum(end_offsets(stack.kafka_bootstrap, [topic]).values()) - before
+
+        assert process.wait_until(lambda: emitted() >= KILL_AT, 120, interval=0.05), "Debezium emitted no COPY rows"
+        pid = worker.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert process.wait_until(lambda: not process.is_alive(pid), 30)
+        at_kill = emitted()
+        assert at_kill < COPY_ROWS, f"all {COPY_ROWS} rows were in Kafka before the kill: the scenario tests nothing"
+        _restart(worker)
+        manager.wait_connector_running(native_stack, CONNECTOR, timeout=180)
+        settle_and_check(
+            stack,
+            target,
+            Result(
+                "Kafka Connect worker kill -9 inside one COPY",
+                COPY_ROWS,
+                note=f"{at_kill} offsets in Kafka at the kill",
+            ),
             process=consumer,
         )
     finally:
