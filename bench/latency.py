@@ -343,6 +343,12 @@ def run_latency(
         "consumer_cpu_cores": round(cpu / wall, 3),
         "clickhouse_cpu_cores": round(ch_cpu / wall, 3) if ch_cpu is not None else None,
         "consumer_memory": procstat.memory_trend(sampler.samples, skip_s=min(10.0, seconds / 4)),
+        # The dimension rows kept for TOASTed columns grow with the source's live keys, up to their
+        # byte budget: RSS growth beyond that is the consumer's own.
+        "consumer_latest_rows_mib": [
+            round(metric_sum(scraped, "cdc_latest_rows_bytes") / 2**20, 1)
+            for scraped in (scraped_before, scraped_after)
+        ],
         "consumer_exit": code,
         "consumer_messages": metric_sum(scraped_after, "cdc_messages_consumed_total"),
         **insert_stats(scraped_before, scraped_after, wall),

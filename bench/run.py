@@ -581,6 +581,9 @@ def table(results: dict, head: dict) -> str:
             f"| consumer RSS first / last / slope (all; second half) | {f(memory.get('rss_first_mib'))} / "
             f"{f(memory.get('rss_last_mib'))} MiB, {f(memory.get('rss_slope_mib_per_min'), 2)}; "
             f"{f(memory.get('rss_slope_second_half_mib_per_min'), 2)} MiB/min |",
+            "| of that RSS: dimension rows kept for TOASTed columns, first / last | "
+            + " / ".join(f(m) for m in latency.get("consumer_latest_rows_mib") or [None, None])
+            + " MiB |",
         ]
         probe = latency.get("debezium_probe") or {}
         if probe:

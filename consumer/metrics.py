@@ -31,6 +31,9 @@ insert_retries = Counter("cdc_insert_retries_total", "Failed ClickHouse inserts 
 registry_retries = Counter("cdc_registry_retries_total", "Schema registry lookups that failed and will be retried")
 paused_partitions = Gauge("cdc_paused_partitions", "Partitions paused for backpressure")
 assigned_partitions = Gauge("cdc_assigned_partitions", "Partitions assigned to this member")
+latest_rows_bytes = Gauge(
+    "cdc_latest_rows_bytes", "Bytes of the dimension rows kept for unchanged (TOASTed) columns, all partitions"
+)
 last_insert_timestamp = Gauge("cdc_last_successful_insert_timestamp_seconds", "Unix time of the last insert")
 lag_messages = Gauge("cdc_consumer_lag_messages", "High watermark minus committed offset", ["topic", "partition"])
 lag_seconds = Gauge(

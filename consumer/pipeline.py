@@ -73,6 +73,7 @@ class PipelineConfig:
     # Fact batches decoded and mapped by ClickHouse itself (consumer/server_decode.py).
     server_decode: bool = True
     latest_rows_kept: int = 10_000  # per dimension partition (consumer.sink.LatestRows)
+    latest_rows_max_bytes: int = 8 * 2**20  # per dimension partition
 
 
 class Pipeline:
@@ -113,6 +114,7 @@ class Pipeline:
         self._mid_poll = False  # while step() hands the messages of one poll to their batches
         self._in_doubt: list[list[tuple[Partition, PartitionBatch, int]]] = []  # see _doubt
         self.source: KafkaSource = source_factory(self._assigned, self._revoked, self._lost)
+        metrics.latest_rows_bytes.set_function(self._latest_rows_bytes)
 
     # -- rebalances -------------------------------------------------------------------------
     def _assigned(self, partitions: list[Partition]) -> None:
@@ -149,7 +151,13 @@ class Pipeline:
                 self.finished.add((topic, p))
 
     def _latest_rows(self, table: TableMapping) -> LatestRows | None:
-        return LatestRows(self.config.latest_rows_kept) if table.role == "dimension" else None
+        if table.role != "dimension":
+            return None
+        return LatestRows(self.config.latest_rows_kept, self.config.latest_rows_max_bytes)
+
+    def _latest_rows_bytes(self) -> int:
+        """For the gauge, read at scrape time (list(): one step under the GIL)."""
+        return sum(s.latest.bytes for s in list(self.partitions.values()) if s.latest is not None)
 
     def _bounded(self, partition: Partition, offset: int) -> int | None:
         """The offset to commit: never past the partition's bound; None: commit nothing."""

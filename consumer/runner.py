@@ -55,6 +55,7 @@ def build_pipeline(settings: Settings, topics: list[str] | None = None, bounds: 
             truncate_action=settings.truncate_action,
             server_decode=settings.server_decode,
             latest_rows_kept=settings.latest_rows_kept,
+            latest_rows_max_bytes=settings.latest_rows_max_bytes,
         ),
         bounds=bounds,
     )

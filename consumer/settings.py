@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     # Per dimension partition, the rows last applied, by key: a change's unchanged (TOASTed)
     # columns come from there instead of a ClickHouse look-up. 0: always ask ClickHouse.
     latest_rows_kept: int = Field(10_000, ge=0)
+    # ... and at most this many bytes of them per partition (the rows carry the TOASTed values).
+    latest_rows_max_bytes: int = Field(8 * 2**20, ge=0)
 
     @classmethod
     def settings_customise_sources(

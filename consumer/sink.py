@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import sys
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -105,11 +106,15 @@ class LatestRows:
 
     Kept per partition and per assignment (another consumer may apply changes in between) and
     trusted only for a change at a later offset: a partition read again from an earlier offset,
-    after a failed insert, asks ClickHouse. The least recently used keys go beyond `capacity`."""
+    after a failed insert, asks ClickHouse. The least recently used keys go beyond `capacity`
+    keys or `max_bytes` (Python's size of the rows and their values): the rows carry the large
+    columns, so a key count alone would let memory grow with the size of the values."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, max_bytes: int):
         self.capacity = capacity
-        self._rows: OrderedDict[tuple, tuple[int, tuple]] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._rows: OrderedDict[tuple, tuple[int, tuple, int]] = OrderedDict()
 
     def before(self, key: tuple, offset: int) -> tuple | None:
         """The key's row applied from an offset below `offset`, if kept."""
@@ -121,11 +126,18 @@ class LatestRows:
 
     def remember(self, key: tuple, offset: int, row: tuple | None) -> None:
         """The key's row applied from `offset`; None: deleted (ClickHouse knows what follows)."""
-        self._rows.pop(key, None)
-        if row is not None and self.capacity:
-            self._rows[key] = (offset, row)
-            if len(self._rows) > self.capacity:
-                self._rows.popitem(last=False)
+        old = self._rows.pop(key, None)
+        if old is not None:
+            self.bytes -= old[2]
+        if row is None or not self.capacity:
+            return
+        size = sys.getsizeof(row) + sum(map(sys.getsizeof, row))
+        if size > self.max_bytes:
+            return
+        self._rows[key] = (offset, row, size)
+        self.bytes += size
+        while len(self._rows) > self.capacity or self.bytes > self.max_bytes:
+            self.bytes -= self._rows.popitem(last=False)[1][2]
 
     def __len__(self) -> int:
         return len(self._rows)

@@ -42,6 +42,19 @@ def _restart(component, timeout: float = 180) -> None:
     assert process.wait_until(component.healthy, timeout, interval=0.5), f"{component.name} did not come back"
 
 
+def _kill(component) -> None:
+    """kill -9: no offset flush; Connect's open transaction is aborted."""
+    pid = component.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    assert process.wait_until(lambda: not process.is_alive(pid), 30)
+
+
+def _restart_connect(worker, native_stack) -> None:
+    _restart(worker)
+    manager.wait_connector_running(native_stack, CONNECTOR, timeout=180)
+
+
 def test_clickhouse_down_the_consumer_pauses_commits_nothing_and_catches_up(stack, native_stack, tmp_path) -> None:
     down_s = scaled(15, 60)
     port = free_port()
@@ -151,13 +164,9 @@ def test_kafka_connect_worker_killed_and_restarted_during_streaming(stack, nativ
         warm_up(stack, target, consumer)
         with Traffic(stack.postgres_dsn, seed=5601) as traffic:
             time.sleep(4)
-            pid = worker.pid
-            assert pid is not None
-            os.kill(pid, signal.SIGKILL)  # no offset flush; the open transaction is aborted
-            assert process.wait_until(lambda: not process.is_alive(pid), 30)
+            _kill(worker)
             time.sleep(scaled(2, 10))  # Postgres keeps committing while Connect is down
-            _restart(worker)
-            manager.wait_connector_running(native_stack, CONNECTOR, timeout=180)
+            _restart_connect(worker, native_stack)
             back = time.monotonic()
             recovery = Probe(stack.postgres_dsn).recovery(target.clickhouse(), back, process=consumer)
         settle_and_check(
@@ -203,14 +212,10 @@ def test_kafka_connect_worker_killed_inside_one_copy(stack, native_stack, tmp_pa
             return sum(end_offsets(stack.kafka_bootstrap, [topic]).values()) - before
 
         assert process.wait_until(lambda: emitted() >= KILL_AT, 120, interval=0.05), "Debezium emitted no COPY rows"
-        pid = worker.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        assert process.wait_until(lambda: not process.is_alive(pid), 30)
+        _kill(worker)
         at_kill = emitted()
         assert at_kill < COPY_ROWS, f"all {COPY_ROWS} rows were in Kafka before the kill: the scenario tests nothing"
-        _restart(worker)
-        manager.wait_connector_running(native_stack, CONNECTOR, timeout=180)
+        _restart_connect(worker, native_stack)
         settle_and_check(
             stack,
             target,

@@ -39,21 +39,21 @@ def fill(sink: Sink, latest: LatestRows, rows: list[tuple]) -> list:
 
 
 def test_a_later_change_takes_the_kept_row_and_asks_nothing() -> None:
-    sink, latest = Sink(), LatestRows(10)
+    sink, latest = Sink(), LatestRows(10, 2**20)
     applied(latest, change(7, offset=10, creative="<div>v1"))
     assert fill(sink, latest, [change(7, offset=11), change(8, offset=12)]) == ["<div>v1", "from ClickHouse"]
     assert sink.asked == [{(8,)}]
 
 
 def test_a_change_read_again_from_an_earlier_offset_asks_clickhouse() -> None:
-    sink, latest = Sink(), LatestRows(10)
+    sink, latest = Sink(), LatestRows(10, 2**20)
     applied(latest, change(7, offset=10, creative="<div>v1"))
     assert fill(sink, latest, [change(7, offset=10)]) == ["from ClickHouse"]
     assert sink.asked == [{(7,)}]
 
 
 def test_an_earlier_row_of_the_batch_comes_before_the_kept_one() -> None:
-    sink, latest = Sink(), LatestRows(10)
+    sink, latest = Sink(), LatestRows(10, 2**20)
     applied(latest, change(7, offset=10, creative="<div>v1"))
     rows = [change(7, offset=11, creative="<div>v2"), change(7, offset=12)]
     assert fill(sink, latest, rows) == ["<div>v2", "<div>v2"]
@@ -61,7 +61,7 @@ def test_an_earlier_row_of_the_batch_comes_before_the_kept_one() -> None:
 
 
 def test_a_delete_forgets_the_key_and_the_least_recently_used_go_first() -> None:
-    latest = LatestRows(2)
+    latest = LatestRows(2, 2**20)
     applied(latest, change(1, 1, "a"), change(2, 2, "b"))
     assert latest.before((1,), 5) is not None  # 1 used: 2 is now the oldest
     applied(latest, change(3, 3, "c"))
@@ -71,6 +71,24 @@ def test_a_delete_forgets_the_key_and_the_least_recently_used_go_first() -> None
 
 
 def test_capacity_zero_keeps_nothing() -> None:
-    sink, latest = Sink(), LatestRows(0)
+    sink, latest = Sink(), LatestRows(0, 2**20)
     applied(latest, change(7, offset=10, creative="<div>v1"))
     assert fill(sink, latest, [change(7, offset=11)]) == ["from ClickHouse"]
+
+
+def test_the_rows_kept_stay_within_their_byte_budget() -> None:
+    creative = "x" * 10_000
+    latest = LatestRows(1_000, 35_000)
+    applied(latest, *(change(key, key, creative) for key in range(1, 6)))
+    assert len(latest) == 3 and 30_000 < latest.bytes <= 35_000
+    assert [latest.before((key,), 99) is not None for key in range(1, 6)] == [False, False, True, True, True]
+    applied(latest, change(3, 7, "small"), change(4, 8, deleted=1))  # a smaller version, a delete
+    assert len(latest) == 2 and 10_000 < latest.bytes < 12_000
+
+
+def test_a_row_larger_than_the_budget_is_not_kept_and_drops_the_older_version() -> None:
+    latest = LatestRows(10, 5_000)
+    applied(latest, change(1, 1, "small"))
+    applied(latest, change(1, 2, "x" * 10_000))
+    assert len(latest) == 0 and latest.bytes == 0
+    assert latest.before((1,), 5) is None
