@@ -73,7 +73,7 @@ class PipelineConfig:
     # Fact batches decoded and mapped by ClickHouse itself (consumer/server_decode.py).
     server_decode: bool = True
     latest_rows_kept: int = 10_000  # per dimension partition (consumer.sink.LatestRows)
-    latest_rows_max_bytes: int = 8 * 2**20  # per dimension partition
+    latest_rows_max_bytes: int = 32 * 2**20  # per dimension partition
 
 
 class Pipeline:

@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     # columns come from there instead of a ClickHouse look-up. 0: always ask ClickHouse.
     latest_rows_kept: int = Field(10_000, ge=0)
     # ... and at most this many bytes of them per partition (the rows carry the TOASTed values).
-    latest_rows_max_bytes: int = Field(8 * 2**20, ge=0)
+    latest_rows_max_bytes: int = Field(32 * 2**20, ge=0)
 
     @classmethod
     def settings_customise_sources(
