@@ -87,6 +87,8 @@ class FakeSource:
 
 
 class FakeSink:
+    concurrent_inserts = False
+
     def __init__(self, present: list[tuple[int, int]] = ()):
         self.present = present
         self.inserted: list[int] = []
