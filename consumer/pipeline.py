@@ -14,8 +14,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -64,19 +63,6 @@ class PartitionState:
 
 
 @dataclass
-class _Insert:
-    """One insert of a flush round: the partitions whose batches it writes, and how it went."""
-
-    group: list[Partition]
-    batches: list[PartitionBatch]
-    raw: bool  # batches of messages ClickHouse decodes (the fast lane)
-    rows: int = 0
-    seconds: float = 0.0
-    finished: float = 0.0  # time.time() when ClickHouse answered
-    error: Exception | None = None
-
-
-@dataclass
 class PipelineConfig:
     batch: BatchPolicy = field(default_factory=BatchPolicy)
     poll_messages: int = 10_000
@@ -88,7 +74,6 @@ class PipelineConfig:
     server_decode: bool = True
     latest_rows_kept: int = 10_000  # per dimension partition (consumer.sink.LatestRows)
     latest_rows_max_bytes: int = 32 * 2**20  # per dimension partition
-    insert_threads: int = 4  # inserts of one flush round sent side by side (one per table)
 
 
 class Pipeline:
@@ -128,11 +113,6 @@ class Pipeline:
         self.last_step = time.monotonic()  # for the liveness probe
         self._mid_poll = False  # while step() hands the messages of one poll to their batches
         self._in_doubt: list[list[tuple[Partition, PartitionBatch, int]]] = []  # see _doubt
-        self._workers = (
-            ThreadPoolExecutor(self.config.insert_threads, thread_name_prefix="insert")
-            if self.config.insert_threads > 1 and sink.concurrent_inserts
-            else None
-        )
         self.source: KafkaSource = source_factory(self._assigned, self._revoked, self._lost)
         metrics.latest_rows_bytes.set_function(self._latest_rows_bytes)
 
@@ -198,11 +178,12 @@ class Pipeline:
 
     def _revoked(self, partitions: list[Partition]) -> None:
         metrics.rebalances.labels("revoke").inc()
-        # Best effort: what cannot be flushed now is re-read by the next owner, and the watermark
-        # makes that safe.
-        self._flush_round([p for p in partitions if p in self.partitions])
         for partition in partitions:
-            self.partitions.pop(partition, None)
+            if partition in self.partitions:
+                # Best effort: what cannot be flushed now is re-read by the next owner, and
+                # the watermark makes that safe.
+                self._flush(partition)
+                self.partitions.pop(partition, None)
             self.paused.discard(partition)
         log.info("revoked %s", sorted(partitions))
         metrics.assigned_partitions.set(len(self.partitions))
@@ -229,10 +210,9 @@ class Pipeline:
                 self.step()
                 if self.on_step is not None:
                     self.on_step()
-            self._flush_round(list(self.partitions))
+            for partition in list(self.partitions):
+                self._flush(partition)
         finally:
-            if self._workers is not None:
-                self._workers.shutdown()
             self.source.close()
             self.dlq.close()
 
@@ -280,13 +260,13 @@ class Pipeline:
                 state.consumed = state.consumed_bytes = 0
             if partition in self.paused and now >= state.retry_at:
                 self._resume(partition)
-        ready = [
-            p for p, s in self.partitions.items() if p not in self.paused and s.batch.ready(self.config.batch, now)
-        ]
-        if ready:
-            self._flush_round(ready)
-        for partition, state in list(self.partitions.items()):
-            if partition not in self.paused and state.batch.messages == 0:
+        for partition in list(self.partitions):
+            state = self.partitions[partition]
+            if partition in self.paused:
+                continue
+            if state.batch.ready(self.config.batch, now):
+                self._flush(partition)
+            elif state.batch.messages == 0:
                 self._commit_position(partition, state)
 
     def _poll_timeout(self, now: float) -> float:
@@ -372,8 +352,9 @@ class Pipeline:
         """The source table gained columns: flush every batch of the old shape, add the columns
         in ClickHouse, and carry on with the wider mapping — no restart."""
         name = change.table.table
-        if not self._flush_round([p for p, s in self.partitions.items() if s.batch.table.table == name]):
-            raise BlockingIOError(f"{name}: batches must be written before its columns change")
+        for partition, state in self.partitions.items():
+            if state.batch.table.table == name and not self._flush(partition):
+                raise BlockingIOError(f"{name}: batches must be written before its columns change")
         self.sink.add_columns(name, [(c.name, c.clickhouse_type) for c in change.columns])
         widened = change.table.with_columns(change.columns)
         self.mapping = self.mapping.replaced(widened)
@@ -383,105 +364,45 @@ class Pipeline:
                 state.batch = PartitionBatch(widened, state.batch.topic, state.batch.partition)
 
     def _flush(self, partition: Partition) -> bool:
-        return self._flush_round([partition])
-
-    def _flush_round(self, partitions: list[Partition], alone: bool = False) -> bool:
-        """Writes the partitions' batches and commits them. Batches of other partitions of the
-        same table go into the same insert: one insert per table, not per partition, where a retry
-        in another shape counts nothing twice (raw fact batches: see _raw_group; dimension rows:
-        versioned, so a row written twice is one row). The round's inserts, one per table, run
-        side by side. `alone`: each raw batch in an insert of its own. True: all were written."""
-        inserts: list[_Insert] = []
-        taken: set[Partition] = set()
-        planned = True
-        for partition in partitions:
-            if partition in taken:
-                continue
-            try:
-                insert = self._plan(partition, taken, alone)
-            except Exception as exc:  # what a failed insert left in ClickHouse could not be asked
-                self._insert_failed([partition], self.partitions[partition].batch.table.table, exc)
-                planned = False
-                continue
-            if insert is not None:
-                inserts.append(insert)
-                taken.update(insert.group)
-        return self._write(inserts) and planned
-
-    def _plan(self, partition: Partition, taken: set[Partition], alone: bool) -> _Insert | None:
-        """The insert that writes this partition's batch (with those of its peers); None: empty."""
+        """Writes the partition's batch and commits it. Batches of other partitions of the same
+        table go into the same insert: one insert per table, not per partition, where a retry
+        in another shape counts nothing twice (raw fact batches: see _flush_raw; dimension
+        rows: versioned, so a row written twice is one row)."""
         state = self.partitions[partition]
-        if state.batch.messages == 0:
-            return None
-        if state.batch.raw_values:
-            self._settle(partition)
-            if state.batch.raw_values:
-                group = [partition] if alone else self._raw_group(partition, taken)
-                return _Insert(group, [self.partitions[p].batch for p in group], raw=True)
-            # ClickHouse had them all: only the commit is left
         batch = state.batch
+        if batch.messages == 0:
+            return True
+        if batch.raw_values:
+            return self._flush_raw(partition)
         group = [partition]
         if batch.table.role == "dimension":
             group = self._group(
-                partition,
-                lambda b: b.table is batch.table and b.messages > 0 and not b.raw_values,
-                len(batch.rows),
-                taken,
+                partition, lambda b: b.table is batch.table and b.messages > 0 and not b.raw_values, len(batch.rows)
             )
-        return _Insert(group, [self.partitions[p].batch for p in group], raw=False)
-
-    def _write(self, inserts: list[_Insert]) -> bool:
-        """Sends the inserts, side by side where the sink allows, then settles each in turn."""
-        if self._workers is not None and len(inserts) > 1:
-            list(self._workers.map(self._send, inserts))
-        else:
-            for insert in inserts:
-                self._send(insert)
-        return all([self._settle_insert(insert) for insert in inserts])
-
-    def _send(self, insert: _Insert) -> None:
-        """The insert itself, maybe on a worker thread: it touches only its own batches (and their
-        partitions' kept rows), while the loop waits for the round."""
-        started = time.perf_counter()
+        batches = [self.partitions[p].batch for p in group]
         try:
-            insert.rows = self._insert_raw(insert.batches) if insert.raw else self._insert(insert.batches)
-        except Exception as exc:
-            insert.error = exc
-        insert.finished = time.time()
-        insert.seconds = time.perf_counter() - started
-
-    def _settle_insert(self, insert: _Insert) -> bool:
-        """After the insert returned: commit what it wrote, or arrange its retry."""
-        error = insert.error
-        if error is None:
-            if insert.rows:
-                self._inserted(insert)
-            if insert.raw:
-                self._forget_doubt(insert.group)
-                for member in insert.group:
-                    self.partitions[member].fast_penalty = 0
-            self._applied(insert.group)
-            return True
-        if insert.raw:
-            return self._raw_failed(insert, error)
-        if isinstance(error, UnresolvedPrevious):
+            self._insert(batches)
+        except UnresolvedPrevious as exc:
             # Rows whose unchanged columns have no previous value anywhere: dead-letter them
             # (with the row) and apply the rest.
-            self._dead_letter_unresolved(insert.batches, error)
-            return self._write([_Insert(insert.group, insert.batches, raw=False)])
-        self._insert_failed(insert.group, insert.batches[0].table.table, error)
-        return False
+            self._dead_letter_unresolved(batches, exc)
+            return self._flush(partition)
+        except Exception as exc:
+            self._insert_failed(group, batch.table.table, exc)
+            return False
+        self._applied(group)
+        return True
 
-    def _group(self, partition: Partition, joins, rows: int, taken: set[Partition]) -> list[Partition]:
-        """This partition and the others whose batches `joins` accepts (not paused, not `taken` by
-        another insert, oldest first) while the rows and bytes of them all stay within the policy."""
+    def _group(self, partition: Partition, joins, rows: int) -> list[Partition]:
+        """This partition and the others whose batches `joins` accepts (not paused, oldest first)
+        while the rows and bytes of them all stay within the batch policy."""
         size = self.partitions[partition].batch.bytes
         policy = self.config.batch
         group = [partition]
         peers = sorted(
             (s.batch.started_at, p)
             for p, s in self.partitions.items()
-            if p != partition and p not in self.paused and p not in taken and joins(s.batch)
+            if p != partition and p not in self.paused and joins(s.batch)
         )
         for _, peer in peers:
             other = self.partitions[peer].batch
@@ -538,38 +459,34 @@ class Pipeline:
                 state.watermark = max(state.watermark, batch.last_row_offset)
             state.batch = PartitionBatch(batch.table, batch.topic, batch.partition)
 
-    def _insert(self, batches: list[PartitionBatch]) -> int:
+    def _insert(self, batches: list[PartitionBatch]) -> None:
         rows = [row for batch in batches for row in batch.rows]
         if not rows:
-            return 0
+            return
         first = batches[0]
         assertions: set[int] = set()
         start = 0
         for batch in batches:
             assertions.update(start + i for i in batch.assertions)
             start += len(batch.rows)
+        table = first.table.table
+        started = time.perf_counter()
         token = ",".join(b.dedup_token for b in batches if b.rows) + self.token_suffix
         latest = {(b.topic, b.partition): self.partitions[(b.topic, b.partition)].latest for b in batches}
         self.sink.insert(first.table, first.column_names, rows, token, assertions, latest)
-        return len(rows)
+        self._inserted(table, started, len(rows), (ms for batch in batches for ms in batch.commit_ts_ms))
 
-    def _inserted(self, insert: _Insert) -> None:
-        """Metrics of an insert that returned; latency from the Postgres commit times of its changes
-        (for ClickHouse-decoded batches, of about LATENCY_SAMPLES of them, evenly spread: decoding
-        all of them in Python is what the fast lane avoids)."""
-        table = insert.batches[0].table.table
-        metrics.insert_seconds.labels(table).observe(insert.seconds)
-        metrics.rows_inserted.labels(table).inc(insert.rows)
-        metrics.batch_rows.labels(table).observe(insert.rows)
-        metrics.last_insert_timestamp.set(insert.finished)
-        if insert.raw:
-            step = max(1, insert.rows // LATENCY_SAMPLES)
-            commit_ts_ms = self._commit_times([v for b in insert.batches for v in b.raw_values[::step]])
-        else:
-            commit_ts_ms = (ms for b in insert.batches for ms in b.commit_ts_ms)
+    def _inserted(self, table: str, started: float, rows: int, commit_ts_ms: Iterable[int]) -> None:
+        """Metrics of an insert that returned; latency from the Postgres commit times given
+        (consumed only after the insert's end is taken)."""
+        finished = time.time()
+        metrics.insert_seconds.labels(table).observe(time.perf_counter() - started)
+        metrics.rows_inserted.labels(table).inc(rows)
+        metrics.batch_rows.labels(table).observe(rows)
+        metrics.last_insert_timestamp.set(finished)
         latency = metrics.end_to_end_seconds.labels(table)
         for commit_ms in commit_ts_ms:
-            latency.observe(max(0.0, insert.finished - commit_ms / 1000))
+            latency.observe(max(0.0, finished - commit_ms / 1000))
         self.inserts += 1
 
     # -- the fast lane: ClickHouse decodes (consumer/server_decode.py) ------------------------
@@ -616,7 +533,7 @@ class Pipeline:
             new.messages, new.last_offset, new.bytes = old.messages, old.last_offset, old.bytes
             new.started_at = old.started_at
 
-    def _raw_group(self, partition: Partition, taken: set[Partition]) -> list[Partition]:
+    def _raw_group(self, partition: Partition) -> list[Partition]:
         """The partitions whose batches go into one insert with this one's: the table's other
         batches for ClickHouse to decode with the same plan; or, after an insert failed,
         exactly the partitions it had."""
@@ -624,40 +541,54 @@ class Pipeline:
         if doubt is not None:
             return [p for p, _, _ in doubt]
         batch = self.partitions[partition].batch
-        in_doubt = {p for doubt in self._in_doubt for p, _, _ in doubt}
+        taken = {p for doubt in self._in_doubt for p, _, _ in doubt}
         return self._group(
             partition,
-            lambda b: b.raw_values and b.plan is batch.plan and (b.topic, b.partition) not in in_doubt,
+            lambda b: b.raw_values and b.plan is batch.plan and (b.topic, b.partition) not in taken,
             len(batch.raw_values),
-            taken,
         )
 
-    def _raw_failed(self, insert: _Insert, error: Exception) -> bool:
-        group = insert.group
-        table, topic = insert.batches[0].table.table, insert.batches[0].topic
-        if isinstance(error, Rejected):
+    def _flush_raw(self, partition: Partition, alone: bool = False) -> bool:
+        state = self.partitions[partition]
+        table, topic = state.batch.table.table, state.batch.topic
+        group, sent = [partition], False
+        try:
+            self._settle(partition)
+            if not state.batch.raw_values:
+                return self._flush(partition)  # ClickHouse had them all: only the commit is left
+            if not alone:
+                group = self._raw_group(partition)
+            sent = True
+            self._insert_raw(group)
+        except Rejected as exc:
             states = [self.partitions[p] for p in group]
             applied = self.sink.applied_offsets(table, topic)
             if any(applied.get(p[1], -1) > s.watermark for p, s in zip(group, states, strict=True)):
                 # Rows of this insert did reach ClickHouse (a view failed after the facts were
                 # written): only the same insert again, deduplicated, may complete it.
                 self._doubt(group)
-                self._insert_failed(group, table, error)
+                self._insert_failed(group, table, exc)
                 return False
             self._forget_doubt(group)
             if len(group) > 1:
-                log.info("ClickHouse refused the batches of %s (%s); trying them one by one", group, error)
-                return all(self._flush_round([p], alone=True) for p in group)
-            partition, state = group[0], states[0]
-            log.warning("%s[%d]: ClickHouse refused the batch (%s); applying it in Python", *partition, error)
+                log.info("ClickHouse refused the batches of %s (%s); trying them one by one", group, exc)
+                return all(self._flush_raw(p, alone=True) for p in group)
+            log.warning("%s[%d]: ClickHouse refused the batch (%s); applying it in Python", *partition, exc)
             server_fallbacks.labels(table).inc()
             state.fast_after = state.batch.last_offset + 1 + state.fast_penalty
             state.fast_penalty = min(max(1_000, 2 * state.fast_penalty), 1_000_000)
             self._demote(partition, state)
             return self._flush(partition)
-        self._doubt(group)
-        self._insert_failed(group, table, error)
-        return False
+        except Exception as exc:
+            if sent:
+                self._doubt(group)
+            self._insert_failed(group, table, exc)
+            return False
+        self._forget_doubt(group)
+        for member in group:
+            self.partitions[member].fast_penalty = 0
+        self._applied(group)
+        return True
 
     # Raw inserts that failed where ClickHouse may have written them: each is sent again only
     # as it was (the same partitions' same messages, so the same deduplication token), since a
@@ -693,16 +624,24 @@ class Pipeline:
                 state.watermark = watermark
                 member.drop_raw_through(watermark)
 
-    def _insert_raw(self, batches: list[PartitionBatch]) -> int:
-        """One insert of raw batches (of one plan); returns their changes. Rejected: ClickHouse
-        refused it (normally having written nothing)."""
+    def _insert_raw(self, group: list[Partition]) -> None:
+        """One insert of the group's raw batches. Rejected: ClickHouse refused it (normally
+        having written nothing)."""
         assert self.server is not None
+        batches = [self.partitions[p].batch for p in group]
+        table = batches[0].table.table
+        started = time.perf_counter()
         self.server.insert(
             batches[0].plan,
             [(b.partition, b.raw_offsets, b.raw_values) for b in batches],
             ",".join(b.raw_dedup_token for b in batches) + self.token_suffix,
         )
-        return sum(len(b.raw_values) for b in batches)
+        # Latency: the commit times of about LATENCY_SAMPLES changes, evenly spread (decoding
+        # all of them in Python is what the fast lane avoids); no list of all the values.
+        count = sum(len(b.raw_values) for b in batches)
+        step = max(1, count // LATENCY_SAMPLES)
+        sampled = [v for b in batches for v in b.raw_values[::step]]
+        self._inserted(table, started, count, self._commit_times(sampled))
 
     def _commit_times(self, values: list[bytes]) -> Iterator[int]:
         for value in values:

@@ -56,7 +56,6 @@ def build_pipeline(settings: Settings, topics: list[str] | None = None, bounds: 
             server_decode=settings.server_decode,
             latest_rows_kept=settings.latest_rows_kept,
             latest_rows_max_bytes=settings.latest_rows_max_bytes,
-            insert_threads=settings.insert_threads,
         ),
         bounds=bounds,
     )

@@ -66,9 +66,6 @@ class Settings(BaseSettings):
     latest_rows_kept: int = Field(10_000, ge=0)
     # ... and at most this many bytes of them per partition (the rows carry the TOASTed values).
     latest_rows_max_bytes: int = Field(32 * 2**20, ge=0)
-    # A flush round's inserts, one per table, sent side by side: a change waits for its own table's
-    # insert, not for those ahead of it. 1: one after the other.
-    insert_threads: int = Field(4, ge=1, le=32)
 
     @classmethod
     def settings_customise_sources(

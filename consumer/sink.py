@@ -147,14 +147,6 @@ class ClickHouseSink:
     def __init__(self, client: Client):
         self.client = client
 
-    @property
-    def concurrent_inserts(self) -> bool:
-        """Whether inserts may run side by side on this client: over HTTP without a session they
-        may; the embedded chDB client runs one query at a time."""
-        from clickhouse_connect.driver.httpclient import HttpClient
-
-        return isinstance(self.client, HttpClient) and not self.client.get_client_setting("session_id")
-
     def applied_offsets(self, table: str, topic: str) -> dict[int, int]:
         """partition → highest Kafka offset whose rows are in `table` (the applied watermark)."""
         result = self.client.query(

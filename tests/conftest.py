@@ -139,24 +139,13 @@ def clickhouse(stack):
     import clickhouse_connect
 
     from consumer.migrate import apply_migrations
-    from consumer.sink import connect
 
     database = f"test_db_{uuid.uuid4().hex[:8]}"
     admin = clickhouse_connect.get_client(dsn=stack.clickhouse_url)
     admin.command(f"CREATE DATABASE {database}")
-    client = connect(f"{stack.clickhouse_url}/{database}")  # as the consumer's: no session
+    client = clickhouse_connect.get_client(dsn=f"{stack.clickhouse_url}/{database}")
     apply_migrations(client)
     try:
         yield client
     finally:
         admin.command(f"DROP DATABASE IF EXISTS {database}")
-
-
-@pytest.fixture
-def target(stack, clickhouse):
-    """For a Pipeline on the real ClickHouse: its client, a dead-letter queue of the test's own
-    topic, that topic, and Kafka's address."""
-    from consumer.dlq import DeadLetterQueue
-
-    dlq_topic = f"{clickhouse.database}.dlq"
-    return clickhouse, DeadLetterQueue(stack.kafka_bootstrap, dlq_topic), dlq_topic, stack.kafka_bootstrap

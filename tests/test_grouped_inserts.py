@@ -17,6 +17,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from consumer.batch import BatchPolicy
 from consumer.decode import EnvelopeDecoder
+from consumer.dlq import DeadLetterQueue
 from consumer.pipeline import Pipeline, PipelineConfig
 from consumer.registry import parse_writer_schema
 from consumer.sink import ClickHouseSink
@@ -113,6 +114,12 @@ class FixtureSchemas:
 
 class LostAnswer(Exception):
     """The insert reached ClickHouse, its answer did not reach us."""
+
+
+@pytest.fixture
+def target(stack, clickhouse):
+    dlq_topic = f"{clickhouse.database}.dlq"
+    return clickhouse, DeadLetterQueue(stack.kafka_bootstrap, dlq_topic), dlq_topic, stack.kafka_bootstrap
 
 
 def pipeline_on(source: ScriptedLog, client, dlq) -> Pipeline:

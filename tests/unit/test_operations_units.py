@@ -87,8 +87,6 @@ class FakeSource:
 
 
 class FakeSink:
-    concurrent_inserts = False
-
     def __init__(self, present: list[tuple[int, int]] = ()):
         self.present = present
         self.inserted: list[int] = []
