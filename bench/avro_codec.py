@@ -18,7 +18,7 @@ import struct
 from decimal import Decimal
 from typing import Any
 
-from consumer.server_decode import encode_string, zigzag_varint
+from consumer.sink.server_plan import encode_string, zigzag_varint
 
 
 def unscaled_bytes(unscaled: int) -> bytes:

@@ -1,5 +1,5 @@
 """Benchmark data: Debezium-shaped Avro change events produced straight into fresh Kafka topics,
-and the Postgres state they describe (the ground truth `consumer.verify.compare` checks against).
+and the Postgres state they describe (the ground truth `cdc_dev.verify.compare` checks against).
 
 Why not the real generator and Debezium: the stack's Debezium sustains a few thousand events per
 second here, so two million events would take many minutes; the consumer would be measured
@@ -20,7 +20,7 @@ against an idle pipe. So the benchmark plays Debezium itself:
   tombstones.
 
 The world keeps the final state of every row, which `write_ground_truth` copies into a Postgres
-schema of its own, so the ClickHouse result can be compared with `consumer.verify.compare`.
+schema of its own, so the ClickHouse result can be compared with `cdc_dev.verify.compare`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from bench.avro_codec import compile_encoder
 from bench.avro_codec import encode_string as enc_str
 from bench.avro_codec import zigzag_varint as zz
-from consumer.generate import (
+from cdc_dev.generate import (
     CREATIVE_MAX_CHARS,
     CREATIVE_MIN_CHARS,
     advertiser_name,
@@ -59,7 +59,7 @@ PARTITIONS = 4  # topic.creation.default.partitions of connectors/debezium-postg
 MAX_TRANSACTION = 2048  # Connect's max.batch.size: one producer transaction per poll
 
 # The mix: share of change events (tombstones come on top of deletes). Mostly impressions and
-# clicks; dimension shares as in consumer/generate.py.
+# clicks; dimension shares as in cdc_dev/generate.py.
 MIX = (
     ("impression_insert", 0.8894),
     ("click_insert", 0.08),

@@ -3,7 +3,7 @@
     python bench/floors.py consume --bootstrap B --topics T1,T2 --events N
     python bench/floors.py decode  --bootstrap B --topics T1,T2 --events N --registry URL
 
-`consume`: a consumer configured like consumer/source.py (read_committed, cooperative-sticky,
+`consume`: a consumer configured like consumer/kafka/source.py (read_committed, cooperative-sticky,
 `consume(10_000)` batches) reads every message and touches its value: the price of getting the
 bytes out of Kafka into Python. `decode`: the same plus our decoder (`EnvelopeDecoder.decode`,
 fastavro with the registry's writer schemas) on every message, no insert. `decode-map` adds the
@@ -34,12 +34,12 @@ def run(mode: str, bootstrap: str, topics: list[str], events: int, registry: str
     ends = end_offsets(bootstrap, topics)
     decoder = mapper = mapping = None
     if mode in ("decode", "decode-map"):
-        from consumer.decode import EnvelopeDecoder
-        from consumer.registry import SchemaRegistry
+        from consumer.decode.envelope import EnvelopeDecoder
+        from consumer.decode.registry import SchemaRegistry
 
         decoder = EnvelopeDecoder(SchemaRegistry(registry))
     if mode == "decode-map":
-        from consumer.mapping import Mapper, load_mapping
+        from consumer.transform.mapping import Mapper, load_mapping
 
         mapping = load_mapping(topic_prefix=prefix)
         mapper = Mapper(mapping)

@@ -35,8 +35,8 @@ from confluent_kafka import Consumer, TopicPartition
 from bench import procstat
 from bench.kafka_util import GroupProgress, end_offsets
 from bench.ours import metric_sum, scrape, start_consumer, wait_caught_up, wait_started
-from consumer.decode import EnvelopeDecoder
-from consumer.registry import SchemaRegistry
+from consumer.decode.envelope import EnvelopeDecoder
+from consumer.decode.registry import SchemaRegistry
 
 POLL_S = 0.1
 TABLES = ("advertiser", "campaign", "impressions", "clicks")

@@ -19,9 +19,9 @@ from typing import Any
 import requests
 
 from bench import procstat
-from consumer.mapping import Mapping, TableMapping
-from consumer.migrate import apply_migrations
-from consumer.server_decode import _collect_named, _field, _quote, _strip, _target, _value_record
+from consumer.sink.migrate import apply_migrations
+from consumer.sink.server_plan import _collect_named, _field, _quote, _strip, _target, _value_record
+from consumer.transform.mapping import Mapping, TableMapping
 
 
 def _tuple(fields) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bench import procstat
 from bench.kafka_util import GroupProgress, Partition
-from consumer.stack.process import terminate
+from cdc_dev.stack.process import terminate
 
 REPO = Path(__file__).resolve().parents[1]
 

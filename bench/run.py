@@ -34,7 +34,7 @@ import requests  # noqa: E402
 from bench import events as ev  # noqa: E402
 from bench.kafka_util import end_offsets, read_all  # noqa: E402
 from bench.ours import run_ours  # noqa: E402
-from consumer.stack.layout import StackLayout  # noqa: E402
+from cdc_dev.stack.layout import StackLayout  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 DEBEZIUM_PREFIX = "adtech"  # topic.prefix of connectors/debezium-postgres.json
@@ -170,7 +170,7 @@ def ensure_templates(stack: Stack) -> dict:
         return ev.template_schemas(stack.registry, DEBEZIUM_PREFIX)
     except LookupError as missing:
         log(f"  no {missing} in the registry yet: writing a little traffic so Debezium registers its schemas")
-        from consumer.generate import generate
+        from cdc_dev.generate import generate
 
         generate(stack.postgres_dsn, rate=200, duration=3)
         deadline = time.monotonic() + 120
@@ -292,7 +292,7 @@ def phase_ours(stack: Stack, args, prefix: str, events: int) -> dict:
         f"+ ClickHouse {result['clickhouse_cpu_s_per_million']} CPU-s per million, peak RSS {result['peak_rss_mib']} MiB"
     )
     if not args.no_verify:
-        from consumer.verify import compare
+        from cdc_dev.verify import compare
 
         started = time.monotonic()
         report = compare(ev.ground_truth_dsn(stack.postgres_dsn, prefix), stack.ch(database))
@@ -335,7 +335,7 @@ def read_values(stack: Stack, prefix: str, messages: int) -> dict[str, list[byte
 
 def phase_native(stack: Stack, prefix: str, events: int, by_topic: dict[str, list[bytes]]) -> dict:
     from bench.native import run_native
-    from consumer.mapping import load_mapping
+    from consumer.transform.mapping import load_mapping
 
     log("[3] ClickHouse's own ingest: the same messages, one INSERT ... FORMAT AvroConfluent per topic")
     result = run_native(
@@ -468,7 +468,7 @@ def phase_latency(stack: Stack, args) -> dict:
     result["debezium_probe"] = probe
     result["database"] = database
     if not args.no_verify:
-        from consumer.verify import compare
+        from cdc_dev.verify import compare
 
         report = compare(stack.postgres_dsn, stack.ch(database))
         result["verify_ok"] = report.ok

@@ -16,8 +16,8 @@ console = Console()
 
 
 def _stack(args: argparse.Namespace) -> int:
-    from consumer.stack import manager
-    from consumer.stack.layout import StackLayout
+    from cdc_dev.stack import manager
+    from cdc_dev.stack.layout import StackLayout
 
     layout = StackLayout.from_env()
     if args.action == "up":
@@ -65,7 +65,7 @@ def _print_status(states) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from consumer.generate import generate, render_progress
+    from cdc_dev.generate import generate, render_progress
     from consumer.settings import require
 
     dsn = args.dsn or require("postgres_dsn")
@@ -104,7 +104,7 @@ def _topics(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from consumer.runner import run
+    from consumer.app.runner import run
     from consumer.settings import load_settings
 
     run(load_settings())
@@ -112,9 +112,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from consumer.migrate import apply_migrations
     from consumer.settings import load_settings
-    from consumer.sink import connect
+    from consumer.sink.clickhouse import connect
+    from consumer.sink.migrate import apply_migrations
 
     settings = load_settings()
     applied = apply_migrations(connect(settings.clickhouse_url, settings.clickhouse_embedded_path))
@@ -123,9 +123,9 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from cdc_dev.verify import compare
     from consumer.settings import load_settings, require
-    from consumer.sink import connect
-    from consumer.verify import compare
+    from consumer.sink.clickhouse import connect
 
     settings = load_settings()
     report = compare(require("postgres_dsn"), connect(settings.clickhouse_url, settings.clickhouse_embedded_path))
@@ -134,7 +134,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from consumer.demo import run_demo
+    from cdc_dev.demo import run_demo
     from consumer.settings import load_settings, require
 
     for name in ("postgres_dsn", "kafka_bootstrap", "clickhouse_url"):
@@ -146,7 +146,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from consumer.replay import ReplayRefused, plan_replay, run_replay
+    from consumer.app.replay import ReplayRefused, plan_replay, run_replay
     from consumer.settings import load_settings
 
     settings = load_settings()
@@ -212,11 +212,11 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _lag(args: argparse.Namespace) -> int:
-    from consumer.decode import EnvelopeDecoder
-    from consumer.lag import LagReader, serve_exporter
-    from consumer.mapping import load_mapping
-    from consumer.registry import SchemaRegistry
+    from consumer.decode.envelope import EnvelopeDecoder
+    from consumer.decode.registry import SchemaRegistry
+    from consumer.kafka.lag import LagReader, serve_exporter
     from consumer.settings import load_settings, require
+    from consumer.transform.mapping import load_mapping
 
     settings = load_settings()
     group = args.group or settings.group_id
@@ -338,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        from cdc_dev.stack.manager import StackError
         from consumer.settings import ConfigError
-        from consumer.stack.manager import StackError
 
         if isinstance(exc, ConfigError | StackError):
             console.print(f"[red]error:[/red] {exc}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from consumer.stack.layout import REPO_ROOT, StackLayout
+from cdc_dev.stack.layout import REPO_ROOT, StackLayout
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -67,7 +67,7 @@ def stack(request: pytest.FixtureRequest) -> Iterator[StackEndpoints]:
     if request.config.getoption("--stack") == "docker":
         yield from _docker_stack()
         return
-    from consumer.stack import manager
+    from cdc_dev.stack import manager
 
     layout = StackLayout.from_env()
     already_running = all(s.healthy for s in manager.status(layout))
@@ -138,7 +138,7 @@ def clickhouse(stack):
 
     import clickhouse_connect
 
-    from consumer.migrate import apply_migrations
+    from consumer.sink.migrate import apply_migrations
 
     database = f"test_db_{uuid.uuid4().hex[:8]}"
     admin = clickhouse_connect.get_client(dsn=stack.clickhouse_url)

@@ -19,9 +19,9 @@ import psycopg
 import requests
 from confluent_kafka import Consumer, TopicPartition
 
-from consumer.lag import LagReader
-from consumer.mapping import load_mapping
-from consumer.stack.process import terminate
+from cdc_dev.stack.process import terminate
+from consumer.kafka.lag import LagReader
+from consumer.transform.mapping import load_mapping
 from tests.debezium_helpers import AvroReader
 
 

@@ -17,7 +17,7 @@ import psycopg
 import requests
 from confluent_kafka import Consumer, KafkaError
 
-from consumer.stack.layout import REPO_ROOT
+from cdc_dev.stack.layout import REPO_ROOT
 
 SOURCE_TABLES = ("advertiser", "campaign", "impressions", "clicks")
 

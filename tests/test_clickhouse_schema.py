@@ -28,8 +28,8 @@ import clickhouse_connect
 import psycopg
 import pytest
 
-from consumer import verify
-from consumer.migrate import (
+from cdc_dev import verify
+from consumer.sink.migrate import (
     DEFAULT_DIRECTORY,
     MigrationChecksumError,
     applied_offsets,

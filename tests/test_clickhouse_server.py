@@ -1,4 +1,4 @@
-"""The chdb-core launcher serves a real ClickHouse that survives kill -9 (consumer.stack.clickhouse_server)."""
+"""The chdb-core launcher serves a real ClickHouse that survives kill -9 (cdc_dev.stack.clickhouse_server)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import clickhouse_connect
 import pytest
 
-from consumer.stack.clickhouse_server import wait_healthy
+from cdc_dev.stack.clickhouse_server import wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = 100_000
@@ -35,7 +35,7 @@ class Launcher:
         self.procs: list[subprocess.Popen] = []
 
     def spawn(self, http_port: int | None = None, tcp_port: int | None = None) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "consumer.stack.clickhouse_server", "--data-dir", str(self.data_dir)]
+        cmd = [sys.executable, "-m", "cdc_dev.stack.clickhouse_server", "--data-dir", str(self.data_dir)]
         cmd += ["--http-port", str(http_port or self.http_port), "--tcp-port", str(tcp_port or self.tcp_port)]
         with self.log.open("ab") as log:
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)

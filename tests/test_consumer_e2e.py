@@ -11,9 +11,9 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from consumer.generate import generate
-from consumer.sink import connect
-from consumer.verify import compare
+from cdc_dev.generate import generate
+from cdc_dev.verify import compare
+from consumer.sink.clickhouse import connect
 from tests.consumer_helpers import (
     new_target,
     running_consumer,
@@ -129,7 +129,7 @@ def _header(message, name: str) -> str:
 
 
 def _tables(target) -> list[tuple[str, str]]:
-    from consumer.mapping import load_mapping
+    from consumer.transform.mapping import load_mapping
 
     return [(t.table, t.topic) for t in load_mapping(topic_prefix=target.env["CDC_TOPIC_PREFIX"]).tables]
 

@@ -18,8 +18,8 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-import consumer.generate as generator
-from consumer.generate import GeneratorStats, generate, render_progress
+import cdc_dev.generate as generator
+from cdc_dev.generate import GeneratorStats, generate, render_progress
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 

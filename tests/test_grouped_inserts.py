@@ -15,12 +15,12 @@ import fastavro
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from consumer.batch import BatchPolicy
-from consumer.decode import EnvelopeDecoder
-from consumer.dlq import DeadLetterQueue
-from consumer.pipeline import Pipeline, PipelineConfig
-from consumer.registry import parse_writer_schema
-from consumer.sink import ClickHouseSink
+from consumer.decode.envelope import EnvelopeDecoder
+from consumer.decode.registry import parse_writer_schema
+from consumer.engine.batch import BatchPolicy
+from consumer.engine.dlq import DeadLetterQueue
+from consumer.engine.pipeline import Pipeline, PipelineConfig
+from consumer.sink.clickhouse import ClickHouseSink
 from tests.test_server_decode import (
     IMPRESSIONS,
     MAPPING,

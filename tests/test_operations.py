@@ -21,11 +21,11 @@ import requests
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from consumer.generate import generate
-from consumer.mapping import DEFAULT_MAPPING
-from consumer.stack.components import Prometheus
-from consumer.stack.layout import REPO_ROOT
-from consumer.verify import compare, totals
+from cdc_dev.generate import generate
+from cdc_dev.stack.components import Prometheus
+from cdc_dev.stack.layout import REPO_ROOT
+from cdc_dev.verify import compare, totals
+from consumer.transform.mapping import DEFAULT_MAPPING
 from tests.consumer_helpers import new_target, running_consumer, start_consumer, wait_caught_up
 
 DASHBOARD = REPO_ROOT / "dashboards" / "cdc-consumer.json"
@@ -353,8 +353,8 @@ def test_service_units_run_the_commands_and_ports_of_the_stack() -> None:
 
     import yaml
 
+    from cdc_dev.stack.layout import StackPorts
     from consumer.cli import build_parser
-    from consumer.stack.layout import StackPorts
 
     def unit(name: str) -> configparser.ConfigParser:
         parser = configparser.ConfigParser(strict=False, interpolation=None)

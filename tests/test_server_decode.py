@@ -12,10 +12,10 @@ from pathlib import Path
 import fastavro
 import pytest
 
-from consumer.decode import EnvelopeDecoder
-from consumer.mapping import Mapper, load_mapping
-from consumer.registry import parse_writer_schema
-from consumer.server_decode import Rejected, ServerDecoder
+from consumer.decode.envelope import EnvelopeDecoder
+from consumer.decode.registry import parse_writer_schema
+from consumer.sink.server_plan import Rejected, ServerDecoder
+from consumer.transform.mapping import Mapper, load_mapping
 
 pytestmark = [pytest.mark.stack]
 

@@ -17,7 +17,7 @@ import sys
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from consumer.sink import connect
+from consumer.sink.clickhouse import connect
 
 client = connect(sys.argv[1])
 table = sys.argv[2]

@@ -12,10 +12,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from consumer.generate import generate
-from consumer.stack import manager, process
-from consumer.stack.components import KafkaConnect
-from consumer.stack.layout import StackLayout, StackPorts
+from cdc_dev.generate import generate
+from cdc_dev.stack import manager, process
+from cdc_dev.stack.components import KafkaConnect
+from cdc_dev.stack.layout import StackLayout, StackPorts
 from tests.debezium_helpers import (
     SOURCE_TABLES,
     AvroReader,

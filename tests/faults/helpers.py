@@ -1,7 +1,7 @@
 """What every fault scenario needs: traffic in the background, a probe that measures recovery end
 to end, Kafka offsets, the consumer's /metrics and /readyz, and the final check against Postgres.
 
-The check is the project's ground truth (`consumer.verify`): `compare` (every KPI view and dimension
+The check is the project's ground truth (`cdc_dev.verify`): `compare` (every KPI view and dimension
 equal to Postgres) and `totals` (live rows per table on both sides: lost / double-counted).
 """
 
@@ -18,10 +18,10 @@ import psycopg
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumer.generate import generate
-from consumer.lag import LagReader
-from consumer.stack import process
-from consumer.verify import compare, totals
+from cdc_dev.generate import generate
+from cdc_dev.stack import process
+from cdc_dev.verify import compare, totals
+from consumer.kafka.lag import LagReader
 from tests.consumer_helpers import end_offsets, topics_for, wait_caught_up
 
 SCALE = os.environ.get("CDC_FAULTS_SCALE", "ci").strip().lower()

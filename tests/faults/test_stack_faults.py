@@ -12,9 +12,9 @@ import psycopg
 import pytest
 import requests
 
-from consumer.runner import STALLED_EXIT_CODE
-from consumer.stack import manager, process
-from consumer.stack.components import ClickHouse, Kafka, KafkaConnect, SchemaRegistry
+from cdc_dev.stack import manager, process
+from cdc_dev.stack.components import ClickHouse, Kafka, KafkaConnect, SchemaRegistry
+from consumer.app.runner import STALLED_EXIT_CODE
 from tests.consumer_helpers import end_offsets, new_target, start_consumer
 from tests.faults.helpers import (
     Probe,

@@ -1,4 +1,4 @@
-"""Unit tests of the DECODE stage (consumer/decode.py) and the registry client (consumer/registry.py).
+"""Unit tests of the DECODE stage (consumer/decode/envelope.py) and the registry client (consumer/decode/registry.py).
 
 No network beyond 127.0.0.1. Messages are built the way the real stack builds them:
 
@@ -35,14 +35,14 @@ from typing import Any
 import fastavro
 import pytest
 
-from consumer.decode import (
+from consumer.decode.envelope import (
     UNCHANGED_TOAST,
     ChangeEvent,
     DecodeError,
     EnvelopeDecoder,
 )
-from consumer.mapping import Mapper, load_mapping
-from consumer.registry import RegistryUnavailable, SchemaRegistry, parse_writer_schema
+from consumer.decode.registry import RegistryUnavailable, SchemaRegistry, parse_writer_schema
+from consumer.transform.mapping import Mapper, load_mapping
 
 PLACEHOLDER = "__debezium_unavailable_value"
 ENVELOPES = Path(__file__).resolve().parents[1] / "fixtures" / "envelopes"

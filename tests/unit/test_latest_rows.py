@@ -3,8 +3,8 @@ without asking ClickHouse — but only for changes read after them, and only whi
 
 from __future__ import annotations
 
-from consumer.mapping import KEEP_PREVIOUS, load_mapping
-from consumer.sink import ClickHouseSink, LatestRows
+from consumer.sink.clickhouse import ClickHouseSink, LatestRows
+from consumer.transform.mapping import KEEP_PREVIOUS, load_mapping
 
 CAMPAIGNS = load_mapping().for_topic("adtech.public.campaign")
 NAMES = [*CAMPAIGNS.column_names, "_topic", "_partition", "_offset"]

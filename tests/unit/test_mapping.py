@@ -7,8 +7,8 @@ from decimal import Decimal
 
 import pytest
 
-from consumer.decode import UNCHANGED_TOAST, ChangeEvent
-from consumer.mapping import KEEP_PREVIOUS, Mapper, MappingError, load_mapping, row_version
+from consumer.decode.envelope import UNCHANGED_TOAST, ChangeEvent
+from consumer.transform.mapping import KEEP_PREVIOUS, Mapper, MappingError, load_mapping, row_version
 
 MAPPING = load_mapping()
 MAPPER = Mapper(MAPPING)
@@ -130,7 +130,7 @@ def test_mapping_file_errors_name_the_table(tmp_path) -> None:
 
 
 def test_a_nullable_column_missing_from_an_older_event_is_null() -> None:
-    from consumer.mapping import infer_column
+    from consumer.transform.mapping import infer_column
 
     widened = CAMPAIGNS.with_columns([infer_column("priority", 3)])
     (row,) = MAPPER.rows(widened, event("u", after=campaign(4), table="campaign"), 1)

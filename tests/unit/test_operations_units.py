@@ -9,13 +9,13 @@ import urllib.request
 
 import pytest
 
-from consumer.dlq import DeadLetterQueue
-from consumer.health import OperationsServer
-from consumer.mapping import load_mapping
-from consumer.pipeline import Pipeline, PipelineConfig
-from consumer.replay import parse_offsets, parse_time_ms
+from consumer.app.replay import parse_offsets, parse_time_ms
+from consumer.engine.dlq import DeadLetterQueue
+from consumer.engine.pipeline import Pipeline, PipelineConfig
+from consumer.ops.http import OperationsServer
 from consumer.settings import ConfigError
-from consumer.sink import AppliedOffsets
+from consumer.sink.clickhouse import AppliedOffsets
+from consumer.transform.mapping import load_mapping
 
 TOPIC = "adtech.public.impressions"
 
@@ -220,7 +220,7 @@ def test_operations_port_serves_metrics_and_probes() -> None:
 def test_lag_monitor_reports_assigned_partitions_and_drops_the_ones_it_lost() -> None:
     from prometheus_client import CollectorRegistry, Gauge
 
-    from consumer.lag import LagMonitor, PartitionLag
+    from consumer.kafka.lag import LagMonitor, PartitionLag
 
     registry = CollectorRegistry()
     messages = Gauge("lag_messages", "", ["topic", "partition"], registry=registry)

@@ -3,7 +3,7 @@ the same poll are not handled yet; the commit must not pass them (else a crash l
 
 from __future__ import annotations
 
-from consumer.mapping import NewColumns, infer_column
+from consumer.transform.mapping import NewColumns, infer_column
 from tests.unit.test_operations_units import FakeSink, FakeSource, fake_pipeline
 
 

@@ -3,8 +3,8 @@ while the partition happens to be paused between two attempts."""
 
 from __future__ import annotations
 
-from consumer.pipeline import Pipeline
-from consumer.registry import RegistryUnavailable
+from consumer.decode.registry import RegistryUnavailable
+from consumer.engine.pipeline import Pipeline
 from tests.unit.test_operations_units import FakeEvent, FakeSink, FakeSource, fake_pipeline, one_null_row
 
 

@@ -1,4 +1,4 @@
-"""The fast lane's plan and container (consumer/server_decode.py), without a server.
+"""The fast lane's plan and container (consumer/sink/server_plan.py), without a server.
 
 The container must carry each message value unchanged between two copies of its coordinates,
 under a schema any Avro reader accepts; plans exist only where ClickHouse can produce exactly the
@@ -15,9 +15,9 @@ from pathlib import Path
 import fastavro
 import pytest
 
-from consumer.mapping import load_mapping
-from consumer.registry import parse_writer_schema
-from consumer.server_decode import SYNC, Unsupported, compile_plan
+from consumer.decode.registry import parse_writer_schema
+from consumer.sink.server_plan import SYNC, Unsupported, compile_plan
+from consumer.transform.mapping import load_mapping
 
 ENVELOPES = Path(__file__).resolve().parents[1] / "fixtures" / "envelopes"
 MAPPING = load_mapping()
@@ -93,7 +93,7 @@ def test_a_mapping_that_would_add_columns_stays_on_the_python_path() -> None:
 def test_a_mapped_column_missing_from_the_schema() -> None:
     schema, schema_id, _ = fixture("impressions_c")
     writer = parse_writer_schema(schema)
-    from consumer.mapping import ColumnMapping, converter_for
+    from consumer.transform.mapping import ColumnMapping, converter_for
 
     extra = ColumnMapping("channel", "String", "channel", *converter_for("String"))
     with pytest.raises(Unsupported, match="not in this schema"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from consumer.source import KafkaSource, SourceConfig
+from consumer.kafka.source import KafkaSource, SourceConfig
 
 
 class RefusingConsumer:

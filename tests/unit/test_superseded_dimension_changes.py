@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from consumer.mapping import KEEP_PREVIOUS, load_mapping
-from consumer.sink import ClickHouseSink, UnresolvedPrevious
+from consumer.sink.clickhouse import ClickHouseSink, UnresolvedPrevious
+from consumer.transform.mapping import KEEP_PREVIOUS, load_mapping
 
 CAMPAIGNS = load_mapping().for_topic("adtech.public.campaign")
 NAMES = [*CAMPAIGNS.column_names, "_topic", "_partition", "_offset"]

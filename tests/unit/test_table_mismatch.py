@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from consumer.decode import EnvelopeDecoder
-from consumer.mapping import Mapper, MappingError, load_mapping
-from consumer.registry import parse_writer_schema
-from consumer.server_decode import Unsupported, compile_plan
+from consumer.decode.envelope import EnvelopeDecoder
+from consumer.decode.registry import parse_writer_schema
+from consumer.sink.server_plan import Unsupported, compile_plan
+from consumer.transform.mapping import DEFAULT_MAPPING, Mapper, MappingError, load_mapping
 
 ENVELOPES = Path(__file__).parents[1] / "fixtures" / "envelopes"
 MAPPING = load_mapping()
@@ -45,7 +45,7 @@ def test_a_click_in_the_impressions_topic_is_a_table_mismatch() -> None:
 
 
 def test_the_source_table_can_be_named_in_the_mapping(tmp_path) -> None:
-    text = (Path(__file__).parents[2] / "consumer" / "default_mapping.toml").read_text()
+    text = DEFAULT_MAPPING.read_text()
     text = text.replace(
         'topic = "{prefix}.public.clicks"', 'topic = "{prefix}.routed.all_clicks"\nsource_table = "clicks"'
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from consumer.runner import STALLED_EXIT_CODE, start_watchdog
+from consumer.app.runner import STALLED_EXIT_CODE, start_watchdog
 
 
 class Loop:

@@ -30,7 +30,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 MIGRATIONS_TABLE = "_cdc_schema_migrations"
-DEFAULT_DIRECTORY = Path(__file__).resolve().parent.parent / "clickhouse"
+DEFAULT_DIRECTORY = Path(__file__).resolve().parents[2] / "clickhouse"
 
 _FILE_RE = re.compile(r"^(\d+)_[A-Za-z0-9_.-]+\.sql$")
 _IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -33,7 +33,7 @@ from confluent_kafka import OFFSET_INVALID, Consumer, ConsumerGroupTopicPartitio
 from confluent_kafka.admin import AdminClient, OffsetSpec
 from prometheus_client import Gauge
 
-from consumer.source import Partition
+from consumer.kafka.source import Partition
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def serve_exporter(bootstrap: str, group_id: str, topics: list[str], port: int, 
 
     from prometheus_client import CollectorRegistry
 
-    from consumer.health import OperationsServer
+    from consumer.ops.http import OperationsServer
 
     registry = CollectorRegistry()
     labels = ["topic", "partition"]

@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlparse
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
-from consumer.mapping import KEEP_PREVIOUS, TableMapping
+from consumer.transform.mapping import KEEP_PREVIOUS, TableMapping
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import requests
 
-from consumer.stack import process
-from consumer.stack.components import Component, KafkaConnect, Postgres, all_components
-from consumer.stack.install import ensure_installed
-from consumer.stack.layout import REPO_ROOT, StackLayout
+from cdc_dev.stack import process
+from cdc_dev.stack.components import Component, KafkaConnect, Postgres, all_components
+from cdc_dev.stack.install import ensure_installed
+from cdc_dev.stack.layout import REPO_ROOT, StackLayout
 
 log = logging.getLogger(__name__)
 

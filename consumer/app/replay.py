@@ -38,9 +38,9 @@ from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaExcepti
 from confluent_kafka.admin import OffsetSpec
 from prometheus_client import REGISTRY
 
-from consumer.lag import LagReader
+from consumer.kafka.lag import LagReader
+from consumer.kafka.source import Partition
 from consumer.settings import ConfigError, Settings
-from consumer.source import Partition
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def plan_replay(
     move_group: bool = False,
     now: float | None = None,
 ) -> ReplayPlan:
-    from consumer.mapping import load_mapping
+    from consumer.transform.mapping import load_mapping
 
     if sum(x is not None and x is not False for x in (from_offset, from_timestamp, from_beginning or None)) != 1:
         raise ConfigError("say where to start: exactly one of --from-offset, --from-timestamp, --from-beginning")
@@ -327,7 +327,7 @@ def _delete_group(settings: Settings, group: str) -> None:
 
 def run_replay(settings: Settings, plan: ReplayPlan, *, progress=None) -> ReplayReport:
     """Runs the plan to its bounds. `progress(done, total)` is called as the replay advances."""
-    from consumer.runner import build_pipeline
+    from consumer.app.runner import build_pipeline
 
     _set_group_offsets(settings, plan.group, plan.set_offsets)
     pipeline = build_pipeline(settings.model_copy(update={"group_id": plan.group}), plan.topics, dict(plan.ranges))

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import requests
 
-from consumer.stack import process
-from consumer.stack.install import java_home_for_registry
-from consumer.stack.layout import HOST, REPO_ROOT, StackLayout
+from cdc_dev.stack import process
+from cdc_dev.stack.install import java_home_for_registry
+from cdc_dev.stack.layout import HOST, REPO_ROOT, StackLayout
 
 log = logging.getLogger(__name__)
 
@@ -486,7 +486,7 @@ class ClickHouse(Component):
             [
                 sys.executable,
                 "-m",
-                "consumer.stack.clickhouse_server",
+                "cdc_dev.stack.clickhouse_server",
                 "--data-dir",
                 str(self.layout.data("clickhouse")),
                 "--http-port",

@@ -8,7 +8,7 @@ healthchecks).
 * **/readyz** — 200 when the consumer applies what it reads; 503 while partitions are paused on
   ClickHouse (or registry) errors, i.e. while it retries with backoff and commits nothing.
 
-The same process keeps the lag gauges of its partitions current (:class:`consumer.lag.LagMonitor`).
+The same process keeps the lag gauges of its partitions current (:class:`consumer.kafka.lag.LagMonitor`).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def pipeline_probes(pipeline, live_timeout_s: float = 300.0) -> tuple[Probe, Pro
 def initialize_series(mapping) -> None:
     """Label values known in advance get their series at 0 from the start (Prometheus practice):
     `rate()` and alerts then see 0, not "no data", before the first retry or rebalance."""
-    from consumer import metrics
+    from consumer.ops import metrics
 
     for table in mapping.tables:
         for family in (metrics.rows_inserted, metrics.batch_rows, metrics.insert_seconds, metrics.insert_retries):
@@ -109,8 +109,8 @@ def initialize_series(mapping) -> None:
 
 def serve_operations(settings, pipeline) -> tuple[OperationsServer, object]:
     """For `cdc-consumer run`: the operations port and the lag gauges of the assigned partitions."""
-    from consumer import metrics
-    from consumer.lag import LagMonitor, LagReader
+    from consumer.kafka.lag import LagMonitor, LagReader
+    from consumer.ops import metrics
 
     initialize_series(pipeline.mapping)
     live, ready = pipeline_probes(pipeline)

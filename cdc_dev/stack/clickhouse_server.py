@@ -9,7 +9,7 @@ Users with a real ClickHouse ignore this file and point CDC_CLICKHOUSE_URL at th
 
 Usage (the stack manager runs it in the background and records its PID)::
 
-    python -m consumer.stack.clickhouse_server --data-dir DIR --http-port 18123 --tcp-port 19000
+    python -m cdc_dev.stack.clickhouse_server --data-dir DIR --http-port 18123 --tcp-port 19000
 
 Readiness: poll ``GET http://127.0.0.1:HTTP_PORT/ping`` until it answers ``Ok.``;
 :func:`wait_healthy` does exactly that.

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from consumer.mapping import TableMapping
+from consumer.transform.mapping import TableMapping
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class PartitionBatch:
     table: TableMapping
     topic: str
     partition: int
-    # The fast lane (consumer.server_decode): message values ClickHouse decodes itself, with
+    # The fast lane (consumer.sink.server_plan): message values ClickHouse decodes itself, with
     # their offsets, while the batch holds no rows. Either raw values or rows, never both.
     raw_offsets: list[int] = field(default_factory=list)
     raw_values: list[bytes] = field(default_factory=list)

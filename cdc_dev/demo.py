@@ -19,12 +19,12 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from consumer.generate import GeneratorStats, generate, render_progress
-from consumer.lag import LagReader
-from consumer.mapping import load_mapping
+from cdc_dev.generate import GeneratorStats, generate, render_progress
+from cdc_dev.verify import compare
+from consumer.kafka.lag import LagReader
 from consumer.settings import Settings
-from consumer.sink import connect
-from consumer.verify import compare
+from consumer.sink.clickhouse import connect
+from consumer.transform.mapping import load_mapping
 
 
 def _kpi_tables(client) -> list[Table]:

@@ -23,7 +23,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from consumer.stack.layout import REPO_ROOT, StackLayout
+from cdc_dev.stack.layout import REPO_ROOT, StackLayout
 
 log = logging.getLogger(__name__)
 

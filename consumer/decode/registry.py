@@ -33,7 +33,7 @@ class RegistryUnavailable(Exception):
 
 def _decode_error(error_class: str, reason: str) -> Exception:
     # Imported lazily: decode.py imports this module for the type of its registry argument.
-    from consumer.decode import DecodeError
+    from consumer.decode.envelope import DecodeError
 
     return DecodeError(error_class, reason)
 

@@ -8,16 +8,16 @@ import os
 import threading
 import time
 
-from consumer.batch import BatchPolicy
-from consumer.decode import EnvelopeDecoder
-from consumer.dlq import DeadLetterQueue
-from consumer.mapping import load_mapping
-from consumer.migrate import apply_migrations
-from consumer.pipeline import Pipeline, PipelineConfig
-from consumer.registry import SchemaRegistry
+from consumer.decode.envelope import EnvelopeDecoder
+from consumer.decode.registry import SchemaRegistry
+from consumer.engine.batch import BatchPolicy
+from consumer.engine.dlq import DeadLetterQueue
+from consumer.engine.pipeline import Pipeline, PipelineConfig
+from consumer.kafka.source import KafkaSource, SourceConfig
 from consumer.settings import ConfigError, Settings
-from consumer.sink import ClickHouseSink, connect
-from consumer.source import KafkaSource, SourceConfig
+from consumer.sink.clickhouse import ClickHouseSink, connect
+from consumer.sink.migrate import apply_migrations
+from consumer.transform.mapping import load_mapping
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def run(settings: Settings) -> None:
     if settings.stall_exit_s:
         start_watchdog(pipeline, settings.stall_exit_s)
     if settings.metrics_port:
-        from consumer.health import serve_operations
+        from consumer.ops.http import serve_operations
 
         serve_operations(settings, pipeline)  # /metrics, /healthz, /readyz; lag of its partitions
     log.info("consuming %s as group %s", ", ".join(pipeline.mapping.topics), settings.group_id)

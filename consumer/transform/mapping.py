@@ -21,7 +21,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
-from consumer.decode import UNCHANGED_TOAST, ChangeEvent
+from consumer.decode.envelope import UNCHANGED_TOAST, ChangeEvent
 
 # A column whose new value is "whatever it was": the sink fills in the previous value.
 KEEP_PREVIOUS = UNCHANGED_TOAST

@@ -69,7 +69,7 @@ from typing import Any
 
 from fastavro import schemaless_reader
 
-from consumer.registry import RegistryUnavailable, SchemaRegistry
+from consumer.decode.registry import RegistryUnavailable, SchemaRegistry
 
 __all__ = [
     "DEFAULT_TOAST_PLACEHOLDER",
@@ -591,7 +591,7 @@ class EnvelopeDecoder:
         return self._placeholder
 
     def writer_schema(self, schema_id: int) -> dict[str, Any]:
-        """The fastavro-parsed writer schema of a Confluent schema id (for consumer.server_decode).
+        """The fastavro-parsed writer schema of a Confluent schema id (for consumer.sink.server_plan).
         Raises DecodeError / RegistryUnavailable like `decode`."""
         if self._registry is None:
             raise DecodeError("avro_without_registry", f"schema id {schema_id} but this decoder has no schema registry")

@@ -47,7 +47,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from consumer.mapping import TableMapping
+from consumer.transform.mapping import TableMapping
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ _COORDINATES = struct.Struct("<Q").pack
 ZONED_TIMESTAMP = "io.debezium.time.ZonedTimestamp"
 MICRO_TIMESTAMP = "io.debezium.time.MicroTimestamp"
 TIMESTAMP = "io.debezium.time.Timestamp"
-# DateTime64's range (see consumer.mapping): as epoch microseconds, and as canonical text years.
+# DateTime64's range (see consumer.transform.mapping): as epoch microseconds, and as canonical text years.
 DT64_MIN_US = -2208988800_000000  # 1900-01-01T00:00:00Z
 DT64_MAX_US = 10413791999_999999  # 2299-12-31T23:59:59.999999Z
 
@@ -267,7 +267,7 @@ def _target(clickhouse_type: str) -> tuple[str, bool]:
 
 def _column_expression(column, source: _Field | None, placeholder: str) -> tuple[str, list[str]]:
     """SQL for one mapped column over the tuple `img`, and the conditions that must send the
-    batch to the Python path. Only conversions whose result equals consumer.mapping's exactly."""
+    batch to the Python path. Only conversions whose result equals consumer.transform.mapping's exactly."""
     inner, nullable = _target(column.clickhouse_type)
     if source is None:
         if not nullable:
@@ -337,7 +337,7 @@ def compile_plan(table: TableMapping, schema_id: int, writer: dict[str, Any], pl
         raise Unsupported("the writer schema is not a record")
     # Debezium names the envelope `<prefix>.<schema>.<table>.Envelope`: a writer schema of another
     # table (a message produced into the wrong topic) is left to the Python path, which dead-letters
-    # it (consumer.mapping: table_mismatch) instead of mapping its columns onto this table's.
+    # it (consumer.transform.mapping: table_mismatch) instead of mapping its columns onto this table's.
     written_for = str(envelope.get("name", "")).rsplit(".", 2)
     if len(written_for) != 3 or written_for[1] != table.expected_table:
         raise Unsupported(f"writer schema {envelope.get('name')!r} is not of table {table.expected_table!r}")
@@ -357,7 +357,7 @@ def compile_plan(table: TableMapping, schema_id: int, writer: dict[str, Any], pl
         expr, checks = _column_expression(column, by_name.get(column.source), placeholder)
         selects.append(f"{expr} AS {_quote(column.name)}")
         row_checks.extend(checks)
-    # consumer.mapping retracts an updated or deleted fact only from a complete before-image:
+    # consumer.transform.mapping retracts an updated or deleted fact only from a complete before-image:
     # a non-key column that is NULL or absent there sends the change to the dead-letter topic.
     for column in table.columns:
         if column.name in table.key:

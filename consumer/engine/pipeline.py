@@ -20,14 +20,14 @@ from typing import Literal
 
 from confluent_kafka import Message
 
-from consumer import metrics
-from consumer.batch import BatchPolicy, PartitionBatch
-from consumer.decode import DecodeError, EnvelopeDecoder, RegistryUnavailable
-from consumer.dlq import DeadLetterQueue
-from consumer.mapping import Mapper, Mapping, MappingError, NewColumns, TableMapping
-from consumer.server_decode import Rejected, ServerDecoder, for_sink, server_fallbacks
-from consumer.sink import AppliedOffsets, ClickHouseSink, LatestRows, UnresolvedPrevious
-from consumer.source import KafkaSource, Partition
+from consumer.decode.envelope import DecodeError, EnvelopeDecoder, RegistryUnavailable
+from consumer.engine.batch import BatchPolicy, PartitionBatch
+from consumer.engine.dlq import DeadLetterQueue
+from consumer.kafka.source import KafkaSource, Partition
+from consumer.ops import metrics
+from consumer.sink.clickhouse import AppliedOffsets, ClickHouseSink, LatestRows, UnresolvedPrevious
+from consumer.sink.server_plan import Rejected, ServerDecoder, for_sink, server_fallbacks
+from consumer.transform.mapping import Mapper, Mapping, MappingError, NewColumns, TableMapping
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class PartitionState:
     # Counted per message, handed to Prometheus once per step (a labelled inc costs ~1 µs).
     consumed: int = 0
     consumed_bytes: int = 0
-    # The fast lane (consumer.server_decode): the plan for the last header seen, and after a
+    # The fast lane (consumer.sink.server_plan): the plan for the last header seen, and after a
     # batch ClickHouse refused, the offset from which to try it again.
     fast_header: bytes = b""
     fast_plan: object = None
@@ -70,9 +70,9 @@ class PipelineConfig:
     retry_base_s: float = 0.5
     retry_max_s: float = 30.0
     truncate_action: Literal["dlq", "skip"] = "dlq"
-    # Fact batches decoded and mapped by ClickHouse itself (consumer/server_decode.py).
+    # Fact batches decoded and mapped by ClickHouse itself (consumer/sink/server_plan.py).
     server_decode: bool = True
-    latest_rows_kept: int = 10_000  # per dimension partition (consumer.sink.LatestRows)
+    latest_rows_kept: int = 10_000  # per dimension partition (consumer.sink.clickhouse.LatestRows)
     latest_rows_max_bytes: int = 32 * 2**20  # per dimension partition
 
 
@@ -489,7 +489,7 @@ class Pipeline:
             latency.observe(max(0.0, finished - commit_ms / 1000))
         self.inserts += 1
 
-    # -- the fast lane: ClickHouse decodes (consumer/server_decode.py) ------------------------
+    # -- the fast lane: ClickHouse decodes (consumer/sink/server_plan.py) ------------------------
     def _fast(self, partition: Partition, state: PartitionState, message, offset: int, value, size: int) -> bool:
         """Adds the message to a batch ClickHouse will decode, if it can. False: the caller
         applies it in Python (after the batch's raw messages were turned into rows)."""
