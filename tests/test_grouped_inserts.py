@@ -21,6 +21,8 @@ from consumer.engine.batch import BatchPolicy
 from consumer.engine.dlq import DeadLetterQueue
 from consumer.engine.pipeline import Pipeline, PipelineConfig
 from consumer.sink.clickhouse import ClickHouseSink
+from consumer.transform.mapping import Mapper
+from tests.fakes import FakeMessage
 from tests.test_server_decode import (
     IMPRESSIONS,
     MAPPING,
@@ -30,7 +32,6 @@ from tests.test_server_decode import (
     reencoded,
     stored,
 )
-from tests.unit.test_operations_units import FakeMessage
 
 pytestmark = [pytest.mark.stack]
 
@@ -132,12 +133,12 @@ def pipeline_on(source: ScriptedLog, client, dlq) -> Pipeline:
     pipeline = Pipeline(
         source_factory=factory,
         decoder=EnvelopeDecoder(FixtureSchemas(), toast_placeholder=PLACEHOLDER),
-        mapping=MAPPING,
+        mapper=Mapper(MAPPING),
         sink=ClickHouseSink(client),
         dlq=dlq,
         config=config,
     )
-    assert pipeline.server is not None, "the fast lane applies to this sink"
+    assert pipeline.clickhouse is not None, "the ClickHouse lane applies to this sink"
     source.start()
     return pipeline
 
@@ -224,7 +225,7 @@ def dead_lettered(bootstrap: str, topic: str) -> list[tuple[str, int, int]]:
 
 def answer_lost_once(pipeline: Pipeline) -> list[int]:
     """The next insert is written, but the pipeline hears only an error."""
-    real = pipeline.server.insert
+    real = pipeline.clickhouse.server.insert
     calls: list[int] = []
 
     def insert(plan, segments, token):
@@ -233,7 +234,7 @@ def answer_lost_once(pipeline: Pipeline) -> list[int]:
         if len(calls) == 1:
             raise LostAnswer("connection reset after the insert was sent")
 
-    pipeline.server.insert = insert
+    pipeline.clickhouse.server.insert = insert
     return calls
 
 
@@ -280,7 +281,7 @@ def test_a_batch_that_grew_after_the_failure_adds_only_its_new_changes(target) -
     # while the rest of a poll was still being handed to the batches).
     source.append(0, impression(99))
     source.resume([(TOPIC, 0)])
-    pipeline._handle((TOPIC, 0), source.poll(10, 0)[0])
+    pipeline.offer(source.poll(10, 0)[0])
     pipeline.step()
     assert calls == [2, 1], "only the new change is sent"
     assert counted(client) == once_each(source.log)

@@ -36,8 +36,8 @@ from datetime import UTC, datetime
 
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 from confluent_kafka.admin import OffsetSpec
-from prometheus_client import REGISTRY
 
+from consumer.engine.bounds import ReplayBounds
 from consumer.kafka.lag import LagReader
 from consumer.kafka.source import Partition
 from consumer.settings import ConfigError, Settings
@@ -284,24 +284,6 @@ class ReplayReport:
         }
 
 
-def _sample_sum(name: str, **labels: str) -> float:
-    total = 0.0
-    for family in REGISTRY.collect():
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
-
-
-def _counters(tables: list[str], topics: list[str]) -> dict:
-    return {
-        "read": sum(_sample_sum("cdc_messages_consumed_total", topic=t) for t in topics),
-        "skipped": sum(_sample_sum("cdc_messages_already_applied_total", topic=t) for t in topics),
-        "dlq": _sample_sum("cdc_dlq_messages_total"),
-        "rows": {t: _sample_sum("cdc_rows_inserted_total", table=t) for t in tables},
-    }
-
-
 def _set_group_offsets(settings: Settings, group: str, offsets: dict[Partition, int]) -> None:
     if not offsets:
         return
@@ -330,33 +312,30 @@ def run_replay(settings: Settings, plan: ReplayPlan, *, progress=None) -> Replay
     from consumer.app.runner import build_pipeline
 
     _set_group_offsets(settings, plan.group, plan.set_offsets)
-    pipeline = build_pipeline(settings.model_copy(update={"group_id": plan.group}), plan.topics, dict(plan.ranges))
-    pipeline.token_suffix = f":replay-{plan.started_ms}"
+    bounds = ReplayBounds(dict(plan.ranges), token_suffix=f":replay-{plan.started_ms}")
+    pipeline = build_pipeline(settings.model_copy(update={"group_id": plan.group}), plan.topics, bounds)
     tables = sorted({t.table for t in pipeline.mapping.tables if t.topic in plan.topics})
-    before = _counters(tables, plan.topics)
-    if progress is not None:
-        pipeline.on_step = lambda: progress(_done(pipeline, plan), plan.total)
+    on_step = None if progress is None else lambda: progress(_done(pipeline, plan), plan.total)
     started = time.monotonic()
     log.info(
         "replay (%s) as group %s: %d offsets in %d partitions", plan.mode, plan.group, plan.total, len(plan.ranges)
     )
     try:
-        pipeline.run()
+        run = pipeline.run(on_step)
     finally:
         if plan.mode == BACKFILL:
             _delete_group(settings, plan.group)
-    after = _counters(tables, plan.topics)
     if progress is not None:
         progress(_done(pipeline, plan), plan.total)
-    unfinished = sorted(p for p in plan.ranges if p not in pipeline.finished)
+    unfinished = sorted(p for p in plan.ranges if p not in bounds.finished)
     return ReplayReport(
         plan=plan,
         completed=not unfinished,
         seconds=time.monotonic() - started,
-        messages_read=int(after["read"] - before["read"]),
-        already_applied=int(after["skipped"] - before["skipped"]),
-        dead_lettered=int(after["dlq"] - before["dlq"]),
-        rows_inserted={t: int(after["rows"][t] - before["rows"][t]) for t in tables},
+        messages_read=run.messages_read,
+        already_applied=run.already_applied,
+        dead_lettered=run.dead_lettered,
+        rows_inserted={t: run.rows_inserted[t] for t in tables},
         unfinished=unfinished,
     )
 
@@ -365,7 +344,7 @@ def _done(pipeline, plan: ReplayPlan) -> int:
     """Offsets of the plan behind the replay (applied, skipped or batched)."""
     total = 0
     for partition, bound in plan.ranges.items():
-        if partition in pipeline.finished:
+        if partition in pipeline.bounds.finished:
             total += len(bound)
             continue
         state = pipeline.partitions.get(partition)

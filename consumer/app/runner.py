@@ -11,18 +11,19 @@ import time
 from consumer.decode.envelope import EnvelopeDecoder
 from consumer.decode.registry import SchemaRegistry
 from consumer.engine.batch import BatchPolicy
+from consumer.engine.bounds import Bounds
 from consumer.engine.dlq import DeadLetterQueue
 from consumer.engine.pipeline import Pipeline, PipelineConfig
 from consumer.kafka.source import KafkaSource, SourceConfig
 from consumer.settings import ConfigError, Settings
 from consumer.sink.clickhouse import ClickHouseSink, connect
 from consumer.sink.migrate import apply_migrations
-from consumer.transform.mapping import load_mapping
+from consumer.transform.mapping import Mapper, load_mapping
 
 log = logging.getLogger(__name__)
 
 
-def build_pipeline(settings: Settings, topics: list[str] | None = None, bounds: dict | None = None) -> Pipeline:
+def build_pipeline(settings: Settings, topics: list[str] | None = None, bounds: Bounds | None = None) -> Pipeline:
     """The service's pipeline; `topics` and `bounds` make the bounded one of `cdc-consumer replay`."""
     if not settings.kafka_bootstrap:
         raise ConfigError('CDC_KAFKA_BOOTSTRAP is not set (for the native stack: eval "$(cdc-consumer stack env)")')
@@ -46,13 +47,12 @@ def build_pipeline(settings: Settings, topics: list[str] | None = None, bounds: 
     return Pipeline(
         source_factory=lambda *callbacks: KafkaSource(source_config, *callbacks),
         decoder=EnvelopeDecoder(registry),
-        mapping=mapping,
+        mapper=Mapper(mapping, settings.truncate_action),
         sink=ClickHouseSink(client),
         dlq=DeadLetterQueue(settings.kafka_bootstrap, settings.dlq_topic),
         config=PipelineConfig(
             batch=BatchPolicy(settings.batch_max_rows, settings.batch_max_bytes, settings.batch_max_age_s),
             poll_messages=settings.poll_max_messages,
-            truncate_action=settings.truncate_action,
             server_decode=settings.server_decode,
             latest_rows_kept=settings.latest_rows_kept,
             latest_rows_max_bytes=settings.latest_rows_max_bytes,
@@ -95,11 +95,10 @@ def run(settings: Settings) -> None:
 
         serve_operations(settings, pipeline)  # /metrics, /healthz, /readyz; lag of its partitions
     log.info("consuming %s as group %s", ", ".join(pipeline.mapping.topics), settings.group_id)
-    # The collector, left as it is, took 1.6 of the 9 CPU-s the consumer spent on 2M messages
-    # (bench/): every full collection walked all objects from start-up, and a poll of 10,000
-    # messages triggered a young collection every 700 allocations. Start-up objects are frozen
-    # out of collection and young collections are rarer: 0.13 CPU-s. The loop makes few cycles;
-    # reference counting frees its garbage.
+    # Start-up objects are frozen out of collection and young collections made rare: with the
+    # defaults, a poll of 10,000 messages triggered many collections, each walking every object
+    # since start-up (bench/README.md has the cost). The loop makes few cycles; reference
+    # counting frees its garbage.
     gc.freeze()
     gc.set_threshold(20_000, 10, 10)
     pipeline.run()

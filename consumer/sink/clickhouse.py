@@ -212,7 +212,7 @@ class ClickHouseSink:
         for unchanged columns and updated once the insert returned."""
         latest = latest or {}
         if table.role == "dimension":
-            rows = self._fill_previous(table, column_names, rows, latest)
+            rows = self.fill_previous(table, column_names, rows, latest)
         elif assertions:
             rows = self._reconcile_assertions(table, column_names, rows, assertions)
         if not rows:
@@ -274,7 +274,7 @@ class ClickHouseSink:
             live.update((tuple(record[:width]), tuple(record[width])) for record in result.result_rows)
         return live
 
-    def _fill_previous(
+    def fill_previous(
         self,
         table: TableMapping,
         column_names: list[str],

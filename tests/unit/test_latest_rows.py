@@ -35,7 +35,7 @@ def applied(latest: LatestRows, *rows: tuple) -> None:
 
 
 def fill(sink: Sink, latest: LatestRows, rows: list[tuple]) -> list:
-    return [row[CREATIVE] for row in sink._fill_previous(CAMPAIGNS, NAMES, rows, {(CAMPAIGNS.topic, 0): latest})]
+    return [row[CREATIVE] for row in sink.fill_previous(CAMPAIGNS, NAMES, rows, {(CAMPAIGNS.topic, 0): latest})]
 
 
 def test_a_later_change_takes_the_kept_row_and_asks_nothing() -> None:

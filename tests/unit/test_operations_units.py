@@ -10,151 +10,22 @@ import urllib.request
 import pytest
 
 from consumer.app.replay import parse_offsets, parse_time_ms
-from consumer.engine.dlq import DeadLetterQueue
-from consumer.engine.pipeline import Pipeline, PipelineConfig
+from consumer.engine.bounds import ReplayBounds
+from consumer.engine.pipeline import Pipeline
 from consumer.ops.http import OperationsServer
 from consumer.settings import ConfigError
 from consumer.sink.clickhouse import AppliedOffsets
-from consumer.transform.mapping import load_mapping
-
-TOPIC = "adtech.public.impressions"
+from tests.fakes import TOPIC, FakeSink, FakeSource, fake_pipeline
 
 
-class FakeMessage:
-    """A consumed message, shaped like confluent_kafka.Message."""
-
-    def __init__(self, offset: int, partition: int = 0, topic: str = TOPIC, value: bytes = b"x"):
-        self._offset, self._partition, self._topic, self._value = offset, partition, topic, value
-
-    def topic(self):
-        return self._topic
-
-    def partition(self):
-        return self._partition
-
-    def offset(self):
-        return self._offset
-
-    def value(self):
-        return self._value
-
-    def key(self):
-        return None
-
-    def error(self):
-        return None
-
-
-class FakeSource:
-    """A partition log with offsets 0..end-1, where `markers` are transaction markers (never
-    delivered, but the position moves past them)."""
-
-    def __init__(self, end: int, markers: set[int] = frozenset(), start: int = 0):
-        self.end, self.markers, self.next = end, set(markers), start
-        self.commits: list[int] = []
-        self.paused = False
-        self.assign_cb = None
-
-    def start(self):
-        self.assign_cb([(TOPIC, 0)])
-
-    def poll(self, max_messages, timeout):
-        out = []
-        while self.next < self.end and len(out) < 3 and not self.paused:
-            if self.next not in self.markers:
-                out.append(FakeMessage(self.next))
-            self.next += 1
-        return out
-
-    def position(self, partition):
-        return self.next
-
-    def commit(self, offsets):
-        self.commits.append(offsets[(TOPIC, 0)])
-        return True
-
-    def pause(self, partitions):
-        self.paused = True
-
-    def resume(self, partitions):
-        self.paused = False
-
-    def seek(self, partition, offset):
-        self.next = offset
-
-    def close(self):
-        pass
-
-
-class FakeSink:
-    def __init__(self, present: list[tuple[int, int]] = ()):
-        self.present = present
-        self.inserted: list[int] = []
-        self.tokens: list[str] = []
-
-    def applied_offsets(self, table, topic):
-        return {0: max((hi for _, hi in self.present), default=-1)}
-
-    def applied_in_ranges(self, table, topic, ranges):
-        return {0: AppliedOffsets(list(self.present))}
-
-    def insert(self, table, column_names, rows, token, *args, **kwargs):
-        index = column_names.index("_offset")
-        self.inserted.extend(row[index] for row in rows)
-        self.tokens.append(token)
-
-    def missing_columns(self, table):
-        return []
-
-
-class FakeEvent:
-    op = "c"
-    snapshot = False
-    lsn = 1
-    commit_ts_ms = 1_800_000_000_000
-
-
-class FakeDecoder:
-    def decode(self, value):
-        return FakeEvent()
-
-
-def fake_pipeline(source: FakeSource, sink, decoder=None, **config) -> Pipeline:
-    """A Pipeline on the fakes: the source records the assign callback; the DLQ never writes."""
-
-    def factory(on_assign, on_revoke, on_lost):
-        source.assign_cb = on_assign
-        return source
-
-    dlq = DeadLetterQueue.__new__(DeadLetterQueue)
-    dlq.flush = dlq.close = lambda *a, **k: None
-    bounds = config.pop("bounds", None)
-    return Pipeline(
-        source_factory=factory,
-        decoder=decoder or FakeDecoder(),
-        mapping=load_mapping(),
-        sink=sink,
-        dlq=dlq,
-        config=PipelineConfig(poll_timeout_s=0, **config),
-        bounds=bounds,
-    )
-
-
-def one_null_row(table, event, tiebreak) -> list[tuple]:
-    return [tuple(None for _ in table.column_names)]
-
-
-def bounded_pipeline(source: FakeSource, sink: FakeSink, bound: range) -> Pipeline:
-    pipeline = fake_pipeline(source, sink, bounds={(TOPIC, 0): bound})
-    pipeline.mapper.rows = one_null_row
-    return pipeline
+def bounded_pipeline(source: FakeSource, sink: FakeSink, bound: range, token_suffix: str = "") -> Pipeline:
+    return fake_pipeline(source, sink, bounds=ReplayBounds({(TOPIC, 0): bound}, token_suffix=token_suffix))
 
 
 def test_bounded_run_applies_only_missing_offsets_and_stops_at_the_bound() -> None:
     source = FakeSource(end=30, start=5)
     sink = FakeSink(present=[(0, 9), (15, 17)])  # already in ClickHouse
-    pipeline = bounded_pipeline(source, sink, range(5, 20))
-    pipeline.token_suffix = ":replay-1"
+    pipeline = bounded_pipeline(source, sink, range(5, 20), token_suffix=":replay-1")
     pipeline.run()
     assert pipeline.done
     assert sink.inserted == [10, 11, 12, 13, 14, 18, 19]

@@ -4,7 +4,7 @@ the same poll are not handled yet; the commit must not pass them (else a crash l
 from __future__ import annotations
 
 from consumer.transform.mapping import NewColumns, infer_column
-from tests.unit.test_operations_units import FakeSink, FakeSource, fake_pipeline
+from tests.fakes import FakeSink, FakeSource, fake_pipeline
 
 
 class EvolvingSink(FakeSink):
@@ -16,19 +16,17 @@ def test_a_schema_change_mid_poll_commits_only_what_was_written() -> None:
     source = FakeSource(end=3)  # one poll returns offsets 0, 1, 2: the position is then 3
 
     sink = EvolvingSink()
-    pipeline = fake_pipeline(source, sink)
-    pipeline.server = None  # the Python path
 
     def rows(table, event, tiebreak):
         if tiebreak == 1 and not getattr(sink, "added", None):  # offset 1 carries a new column
             raise NewColumns(table, [infer_column("priority", 7)])
         return [tuple(None for _ in table.column_names)]
 
-    pipeline.mapper.rows = rows
+    pipeline = fake_pipeline(source, sink, rows=rows)
     source.start()
     pipeline.step()  # offset 0 batched; offset 1 widens the table: offset 0 is written and committed
     assert sink.inserted == [0]
     assert source.commits == [1], "committed past offsets 1 and 2, which no insert holds yet"
     # ... a crash here re-reads 1 and 2; without one, they are written and committed as usual.
-    pipeline._flush(next(iter(pipeline.partitions)))
+    pipeline.flush_all()
     assert sink.inserted == [0, 1, 2] and source.commits[-1] == 3

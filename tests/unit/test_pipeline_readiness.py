@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from consumer.decode.registry import RegistryUnavailable
 from consumer.engine.pipeline import Pipeline
-from tests.unit.test_operations_units import FakeEvent, FakeSink, FakeSource, fake_pipeline, one_null_row
+from tests.fakes import FakeEvent, FakeSink, FakeSource, fake_pipeline
 
 
 class FlakyRegistryDecoder:
@@ -24,7 +24,6 @@ class FlakyRegistryDecoder:
 def pipeline_with(decoder) -> tuple[Pipeline, FakeSource]:
     source = FakeSource(end=5)
     pipeline = fake_pipeline(source, FakeSink(), decoder, retry_base_s=0)  # resume at the next step
-    pipeline.mapper.rows = one_null_row
     source.start()
     return pipeline, source
 

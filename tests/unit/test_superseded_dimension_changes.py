@@ -35,12 +35,12 @@ class Sink(ClickHouseSink):
 
 def test_a_change_older_than_a_version_clickhouse_holds_is_left_out() -> None:
     sink = Sink(newest={(7,): 500})  # key 7: a delete marker of version 500
-    assert sink._fill_previous(CAMPAIGNS, NAMES, [update(7, version=400, offset=40)]) == []
+    assert sink.fill_previous(CAMPAIGNS, NAMES, [update(7, version=400, offset=40)]) == []
 
 
 def test_a_change_without_any_newer_version_is_still_unresolved() -> None:
     sink = Sink(newest={(7,): 500})
     rows = [update(7, version=400, offset=40), update(8, version=410, offset=41)]
     with pytest.raises(UnresolvedPrevious) as caught:
-        sink._fill_previous(CAMPAIGNS, NAMES, rows)
+        sink.fill_previous(CAMPAIGNS, NAMES, rows)
     assert caught.value.changes == [(0, 41)]  # (partition, offset)

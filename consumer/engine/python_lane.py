@@ -1,0 +1,139 @@
+"""The Python lane: decode → map → rows, for every table, format and op.
+
+Where poison is found: a message that cannot be decoded or mapped goes to the dead-letter topic
+with its class and reason, and its offset moves on like any other. A message that cannot be
+applied *yet* (the registry is unreachable; its table's columns are being added) is not taken:
+the engine re-reads it later.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from consumer.decode.envelope import DecodeError, EnvelopeDecoder, RegistryUnavailable
+from consumer.engine.batch import PartitionBatch
+from consumer.engine.dlq import DeadLetterQueue
+from consumer.engine.lanes import Applied, Assignment, Failed, FlushOutcome
+from consumer.engine.partition import PartitionState
+from consumer.kafka.source import Partition
+from consumer.ops import metrics
+from consumer.sink.clickhouse import ClickHouseSink, UnresolvedPrevious
+from consumer.transform.mapping import Mapper, MappingError, NewColumns, TableMapping
+
+log = logging.getLogger(__name__)
+
+
+class PythonLane:
+    def __init__(
+        self,
+        assignment: Assignment,
+        decoder: EnvelopeDecoder,
+        mapper: Mapper,
+        sink: ClickHouseSink,
+        dlq: DeadLetterQueue,
+        *,
+        evolve: Callable[[NewColumns], TableMapping],
+        token_suffix: str = "",
+    ):
+        self.assignment = assignment
+        self.decoder = decoder
+        self.mapper = mapper
+        self.sink = sink
+        self.dlq = dlq
+        self.evolve = evolve  # widens a table (flushing its batches first); raises BlockingIOError if it cannot
+        self.token_suffix = token_suffix
+
+    def offer(self, state: PartitionState, offset: int, key: bytes | None, value: bytes | None, size: int) -> bool:
+        """Adds the message's rows to the batch, or dead-letters it. False: not now."""
+        partition = state.partition
+        try:
+            event = self.decoder.decode(value)
+            rows = [] if event is None else self._map(state, event, offset)
+        except (RegistryUnavailable, BlockingIOError) as exc:
+            metrics.registry_retries.inc()
+            log.warning("cannot apply %s[%d]@%d yet (%s); pausing the partition", *partition, offset, exc)
+            return False
+        except (DecodeError, MappingError) as exc:
+            self.dead_letter(partition, offset, key, value, exc.error_class, str(exc))
+            state.batch.skip(offset)
+            state.message_applied()
+            return True
+        state.message_applied()
+        commit_ts_ms = event.commit_ts_ms if event else None
+        state.batch.add(offset, rows, size, commit_ts_ms, assertion=event is not None and event.op == "r")
+        return True
+
+    def _map(self, state: PartitionState, event, offset: int) -> list[tuple]:
+        try:
+            return self.mapper.rows(state.batch.table, event, tiebreak=offset)
+        except NewColumns as change:
+            return self.mapper.rows(self.evolve(change), event, tiebreak=offset)
+
+    def dead_letter(
+        self, partition: Partition, offset: int, key: bytes | None, value: bytes | None, error_class: str, reason: str
+    ) -> None:
+        metrics.dead_lettered.labels(error_class).inc()
+        self.assignment.report.dead_lettered += 1
+        self.dlq.send(
+            source_topic=partition[0],
+            partition=partition[1],
+            offset=offset,
+            key=key,
+            value=value,
+            error_class=error_class,
+            reason=reason,
+        )
+
+    def flush(self, partition: Partition) -> FlushOutcome:
+        """One insert of the partition's rows; for a dimension table, with the table's other row
+        batches (versioned rows: a row written twice is one row, so any grouping is safe)."""
+        batch = self.assignment.partitions[partition].batch
+        group = [partition]
+        if batch.table.role == "dimension":
+            group = self.assignment.group(
+                partition, lambda b: b.table is batch.table and b.messages > 0 and not b.raw_values, len(batch.rows)
+            )
+        batches = [self.assignment.partitions[p].batch for p in group]
+        while True:
+            try:
+                self._insert(batches)
+            except UnresolvedPrevious as exc:
+                # Rows whose unchanged columns have no previous value anywhere: dead-letter them
+                # (with the row) and apply the rest.
+                self._dead_letter_unresolved(batches, exc)
+                continue
+            except Exception as exc:
+                return Failed(group, batch.table.table, exc)
+            return Applied(group)
+
+    def _insert(self, batches: list[PartitionBatch]) -> None:
+        rows = [row for batch in batches for row in batch.rows]
+        if not rows:
+            return
+        first = batches[0]
+        assertions: set[int] = set()
+        start = 0
+        for batch in batches:
+            assertions.update(start + i for i in batch.assertions)
+            start += len(batch.rows)
+        started = time.perf_counter()
+        token = ",".join(b.dedup_token for b in batches if b.rows) + self.token_suffix
+        partitions = self.assignment.partitions
+        latest = {(b.topic, b.partition): partitions[(b.topic, b.partition)].latest for b in batches}
+        self.sink.insert(first.table, first.column_names, rows, token, assertions, latest)
+        commit_times = (ms for batch in batches for ms in batch.commit_ts_ms)
+        self.assignment.inserted(first.table.table, started, len(rows), commit_times)
+
+    def _dead_letter_unresolved(self, batches: list[PartitionBatch], exc: UnresolvedPrevious) -> None:
+        bad = set(exc.changes)
+        for batch in batches:
+            offset_index = batch.column_names.index("_offset")
+            for row in batch.rows:
+                if (batch.partition, row[offset_index]) in bad:
+                    partition = (batch.topic, batch.partition)
+                    self.dead_letter(
+                        partition, row[offset_index], None, repr(row).encode(), "previous_value_unknown", str(exc)
+                    )
+            batch.rows = [row for row in batch.rows if (batch.partition, row[offset_index]) not in bad]
