@@ -72,6 +72,7 @@ class Pipeline:
         config: PipelineConfig | None = None,
         bounds: Bounds | None = None,
     ):
+        self.decoder = decoder
         self.mapper = mapper
         self.sink = sink
         self.dlq = dlq
