@@ -20,14 +20,15 @@ from typing import Literal
 
 from confluent_kafka import Message
 
-from consumer.decode.envelope import DecodeError, EnvelopeDecoder, RegistryUnavailable
+from consumer.core.errors import DecodeError, MappingError, RegistryUnavailable
+from consumer.decode.envelope import EnvelopeDecoder
 from consumer.engine.batch import BatchPolicy, PartitionBatch
 from consumer.engine.dlq import DeadLetterQueue
 from consumer.kafka.source import KafkaSource, Partition
 from consumer.ops import metrics
 from consumer.sink.clickhouse import AppliedOffsets, ClickHouseSink, LatestRows, UnresolvedPrevious
 from consumer.sink.server_plan import Rejected, ServerDecoder, for_sink, server_fallbacks
-from consumer.transform.mapping import Mapper, Mapping, MappingError, NewColumns, TableMapping
+from consumer.transform.mapping import Mapper, Mapping, NewColumns, TableMapping
 
 log = logging.getLogger(__name__)
 
