@@ -16,9 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["FACT_RULES", "SERVER_RULES", "FactRule", "SignedImage"]
+__all__ = ["FACT_RULES", "SERVER_RULES", "SIDES", "FactRule", "SignedImage"]
 
 Side = Literal["before", "after"]
+SIDES: tuple[Side, ...] = ("before", "after")
 
 
 @dataclass(frozen=True)
