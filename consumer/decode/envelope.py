@@ -352,8 +352,8 @@ class _PlanBuilder:
                 return (_STR, None)
             if t == "bytes":
                 return (_BYTES, None)
-            named = resolve(t, names)
-            return self._avro(named, names, plans) if named is not t else _NOTHING
+            named = resolve(t, names)  # any other primitive resolves to itself
+            return _NOTHING if named is t else self._avro(named, names, plans)
         if isinstance(t, list):
             # Debezium only writes optional unions ["null", T] / [T, "null"]; wider unions pass through.
             branch = only_branch(t)

@@ -71,7 +71,8 @@ MAX_OFFSET = (1 << OFFSET_BITS) - 1
 MAX_PARTITION = (1 << 16) - 1
 RETRY_S = 10.0  # after a transient failure to set a plan up, the Python path for this long
 SYNC = b"cdc-consumer-ocf"  # the container's 16-byte sync marker (any constant will do)
-# Messages per Avro block of a payload: each block is one join of small parts, never a large copy.
+# Messages per Avro block of a payload: enough to make the per-block overhead negligible, few
+# enough that no block is a large copy.
 BLOCK_MESSAGES = 1_000
 _COORDINATES = struct.Struct("<Q").pack
 ZONED_TIMESTAMP = "io.debezium.time.ZonedTimestamp"
