@@ -19,24 +19,17 @@ from typing import Any
 import requests
 
 from bench import procstat
+from consumer.decode.avro_schema import fields_by_name, named_types, resolve, strip
 from consumer.sink.migrate import apply_migrations
-from consumer.sink.server_plan import _collect_named, _field, _quote, _strip, _target, _value_record
+from consumer.sink.server_plan import fan_out_sql, image_record, staging_field, tuple_type
+from consumer.transform.clickhouse_types import quote_identifier, sql_string, unwrap
+from consumer.transform.fact_rules import FACT_RULES
 from consumer.transform.mapping import Mapping, TableMapping
 
 
-def _tuple(fields) -> str:
-    return (
-        "Tuple("
-        + ", ".join(
-            f"{_quote(f.name)} {'Nullable(' + f.clickhouse + ')' if f.optional else f.clickhouse}" for f in fields
-        )
-        + ")"
-    )
-
-
 def _convert(column, img: str) -> str:
-    inner, _nullable = _target(column.clickhouse_type)
-    v = f"{img}.{_quote(column.source)}"
+    inner, _nullable = unwrap(column.clickhouse_type)
+    v = f"{img}.{quote_identifier(column.source)}"
     if inner.startswith("DateTime64"):
         return f"parseDateTime64BestEffortOrZero({v}, 6, 'UTC')"
     return f"CAST({v} AS {column.clickhouse_type})"
@@ -44,43 +37,37 @@ def _convert(column, img: str) -> str:
 
 def native_ddl(table: TableMapping, writer: dict[str, Any]) -> tuple[str, list[str]]:
     """(staging table name, DDL) for one topic: a Null table and its view into `table`."""
-    envelope = _strip(writer)
-    named: dict[str, Any] = {}
-    _collect_named(envelope, named)
-    record = _value_record(envelope, named)
-    image = _tuple([_field(f["name"], f["type"], named) for f in record["fields"]])
-    source_node = next(f for f in envelope["fields"] if f["name"] == "source")["type"]
-    source_node = named.get(source_node, source_node) if isinstance(source_node, str) else source_node
-    source = _tuple([_field(f["name"], f["type"], named) for f in source_node["fields"]])
+    envelope = strip(writer)
+    named = named_types(envelope)
+    record = image_record(envelope, named)
+    image = tuple_type([staging_field(f["name"], f["type"], named) for f in record["fields"]])
+    source_node = resolve(fields_by_name(envelope)["source"]["type"], named)
+    source = tuple_type([staging_field(f["name"], f["type"], named) for f in source_node["fields"]])
     staging = f"native_in_{table.table}"
     ddl = [
         f"CREATE TABLE {staging} (op String, before Nullable({image}), after Nullable({image}), "
         f"source {source}) ENGINE = Null"
     ]
     if table.role == "fact":
-        columns = ",\n    ".join(f"{_convert(c, 'img')} AS {_quote(c.name)}" for c in table.columns)
+        columns = ",\n    ".join(f"{_convert(c, 'img')} AS {quote_identifier(c.name)}" for c in table.columns)
         ddl.append(
             f"""CREATE MATERIALIZED VIEW native_mv_{table.table} TO {table.table} AS
 SELECT
     {columns},
-    s AS _sign, {_sql(table.topic)} AS _topic, toUInt32(0) AS _partition, toUInt64(0) AS _offset
+    s AS _sign, {sql_string(table.topic)} AS _topic, toUInt32(0) AS _partition, toUInt64(0) AS _offset
 FROM
 (
-    SELECT arrayJoin(multiIf(
-            op IN ('c', 'r'), [(assumeNotNull(after), toInt8(1))],
-            op = 'u', [(assumeNotNull(before), toInt8(-1)), (assumeNotNull(after), toInt8(1))],
-            op = 'd', [(assumeNotNull(before), toInt8(-1))],
-            [])) AS r, r.1 AS img, r.2 AS s
+    SELECT arrayJoin({fan_out_sql(tuple(FACT_RULES.values()))}) AS r, r.1 AS img, r.2 AS s
     FROM {staging}
 )"""
         )
     else:
         key = set(table.key)
         columns = ",\n    ".join(
-            f"{_convert(c, 'img')} AS {_quote(c.name)}"
+            f"{_convert(c, 'img')} AS {quote_identifier(c.name)}"
             if c.name in key
             else f"if(op = 'd', defaultValueOfArgumentType({_convert(c, 'img')}), {_convert(c, 'img')}) "
-            f"AS {_quote(c.name)}"
+            f"AS {quote_identifier(c.name)}"
             for c in table.columns
         )
         ddl.append(
@@ -89,15 +76,11 @@ SELECT
     {columns},
     bitShiftLeft(toUInt128(ifNull(source.lsn, 0)), 64) AS _version,
     toUInt8(op = 'd') AS _is_deleted,
-    {_sql(table.topic)} AS _topic, toUInt32(0) AS _partition, toUInt64(0) AS _offset
+    {sql_string(table.topic)} AS _topic, toUInt32(0) AS _partition, toUInt64(0) AS _offset
 FROM (SELECT *, if(op = 'd', assumeNotNull(before), assumeNotNull(after)) AS img FROM {staging})
 WHERE op IN ('c', 'r', 'u', 'd')"""
         )
     return staging, ddl
-
-
-def _sql(s: str) -> str:
-    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def run_native(

@@ -69,65 +69,12 @@ from typing import Any
 
 from fastavro import schemaless_reader
 
-from consumer.decode.registry import RegistryUnavailable, SchemaRegistry
+from consumer.core.errors import DecodeError
+from consumer.core.types import DEFAULT_TOAST_PLACEHOLDER, UNCHANGED_TOAST, ChangeEvent
+from consumer.decode.avro_schema import image_records, named_types, only_branch, resolve
+from consumer.decode.registry import SchemaRegistry
 
-__all__ = [
-    "DEFAULT_TOAST_PLACEHOLDER",
-    "UNCHANGED_TOAST",
-    "ChangeEvent",
-    "DecodeError",
-    "EnvelopeDecoder",
-    "RegistryUnavailable",
-]
-
-DEFAULT_TOAST_PLACEHOLDER = "__debezium_unavailable_value"
-
-
-class _UnchangedToast:
-    """Type of the `UNCHANGED_TOAST` sentinel: one instance, kept by copy and pickle."""
-
-    __slots__ = ()
-    _instance: _UnchangedToast | None = None
-
-    def __new__(cls) -> _UnchangedToast:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "UNCHANGED_TOAST"
-
-    def __reduce__(self) -> str:
-        return "UNCHANGED_TOAST"
-
-
-UNCHANGED_TOAST: Any = _UnchangedToast()
-"""Stands for a column value Debezium did not send (unchanged TOAST). Never a real value."""
-
-
-@dataclass(frozen=True, slots=True)
-class ChangeEvent:
-    op: str  # 'c' create, 'u' update, 'd' delete, 'r' snapshot read, 't' truncate
-    table: str  # source.table
-    before: dict[str, Any] | None
-    after: dict[str, Any] | None
-    lsn: int | None  # source.lsn
-    commit_ts_ms: int | None  # source.ts_ms (Postgres commit time)
-    snapshot: bool  # source.snapshot not in (None, "false")
-
-
-class DecodeError(Exception):
-    """A poison message: it will never decode. `error_class` is a short stable name (for metrics and
-    the dead-letter record), `str(e)` the precise reason."""
-
-    def __init__(self, error_class: str, reason: str) -> None:
-        super().__init__(error_class, reason)
-        self.error_class = error_class
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return self.reason
-
+__all__ = ["EnvelopeDecoder"]
 
 _OPS = frozenset(("c", "u", "d", "r", "t"))
 _NO_CHANGE_OPS = frozenset(("m",))
@@ -375,36 +322,15 @@ class _PlanBuilder:
     # Avro ---------------------------------------------------------------------------------------
 
     def avro_envelope(self, schema: dict[str, Any]) -> tuple[_RowPlan | None, _RowPlan | None]:
-        before = after = None
-        if isinstance(schema, dict) and schema.get("type") == "record":
-            names: dict[str, Any] = dict(schema.get("__named_schemas") or {})
-            plans: dict[str, _RowPlan | None] = {}
-            for field in schema["fields"]:
-                if field["name"] in ("before", "after"):
-                    record = self._avro_record_of(field["type"], names)
-                    plan = self._avro_record(record, names, plans) if record is not None else None
-                    if field["name"] == "before":
-                        before = plan
-                    else:
-                        after = plan
+        if not (isinstance(schema, dict) and schema.get("type") == "record"):
+            return None, None
+        names = named_types(schema)
+        plans: dict[str, _RowPlan | None] = {}
+        before, after = (
+            self._avro_record(record, names, plans) if record is not None else None
+            for record in image_records(schema, names)
+        )
         return before, after
-
-    def _avro_record_of(self, t: Any, names: dict[str, Any]) -> dict[str, Any] | None:
-        """The record schema of a `before`/`after` field: ["null", record] or a name."""
-        if isinstance(t, list):
-            records = [r for r in (self._avro_record_of(b, names) for b in t if b != "null") if r]
-            return records[0] if len(records) == 1 else None
-        if isinstance(t, str):
-            t = names.get(t)
-        if isinstance(t, dict) and t.get("type") == "record":
-            self._register(t, names)
-            return t
-        return None
-
-    @staticmethod
-    def _register(t: dict[str, Any], names: dict[str, Any]) -> None:
-        if t.get("type") in ("record", "enum", "fixed") and isinstance(t.get("name"), str):
-            names.setdefault(t["name"], t)
 
     def _avro_record(
         self, record: dict[str, Any], names: dict[str, Any], plans: dict[str, _RowPlan | None]
@@ -426,18 +352,17 @@ class _PlanBuilder:
                 return (_STR, None)
             if t == "bytes":
                 return (_BYTES, None)
-            named = names.get(t)
-            return self._avro(named, names, plans) if named is not None else _NOTHING
+            named = resolve(t, names)  # any other primitive resolves to itself
+            return _NOTHING if named is t else self._avro(named, names, plans)
         if isinstance(t, list):
-            branches = [b for b in t if b != "null"]
             # Debezium only writes optional unions ["null", T] / [T, "null"]; wider unions pass through.
-            return self._avro(branches[0], names, plans) if len(branches) == 1 else _NOTHING
+            branch = only_branch(t)
+            return self._avro(branch, names, plans) if branch is not None else _NOTHING
         if not isinstance(t, dict):
             return _NOTHING
         typ = t.get("type")
         if isinstance(typ, dict | list):
             return self._avro(typ, names, plans)
-        self._register(t, names)
         cname = t.get("connect.name")
         if cname is not None:
             fn = _NAMED.get(cname)

@@ -24,18 +24,9 @@ from urllib.parse import quote
 import requests
 from fastavro import parse_schema
 
-__all__ = ["RegistryUnavailable", "SchemaRegistry", "parse_writer_schema"]
+from consumer.core.errors import DecodeError, RegistryUnavailable
 
-
-class RegistryUnavailable(Exception):
-    """The registry cannot answer right now (transient). Not a DecodeError: retry, don't dead-letter."""
-
-
-def _decode_error(error_class: str, reason: str) -> Exception:
-    # Imported lazily: decode.py imports this module for the type of its registry argument.
-    from consumer.decode.envelope import DecodeError
-
-    return DecodeError(error_class, reason)
+__all__ = ["SchemaRegistry", "parse_writer_schema"]
 
 
 def parse_writer_schema(raw: Any, named_schemas: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -98,7 +89,7 @@ class SchemaRegistry:
                     self._cache[schema_id] = cached
         if isinstance(cached, _Permanent):
             # A fresh exception each time: re-raising one instance would grow its traceback forever.
-            raise _decode_error(cached.error_class, cached.reason)
+            raise DecodeError(cached.error_class, cached.reason)
         return cached
 
     def close(self) -> None:
@@ -161,7 +152,7 @@ class SchemaRegistry:
             body = None
         if status == 404:
             if isinstance(body, dict) and ("error_code" in body or "not found" in str(body).lower()):
-                raise _decode_error(
+                raise DecodeError(
                     "unknown_schema_id",
                     f"{what} not found in the registry at {self.url} "
                     f"(error_code {body.get('error_code')}: {body.get('message')})",

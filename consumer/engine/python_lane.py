@@ -12,7 +12,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from consumer.decode.envelope import DecodeError, EnvelopeDecoder, RegistryUnavailable
+from consumer.core.errors import Poison, Transient
+from consumer.decode.envelope import EnvelopeDecoder
 from consumer.engine.batch import PartitionBatch
 from consumer.engine.dlq import DeadLetterQueue
 from consumer.engine.lanes import Applied, Assignment, Failed, FlushOutcome
@@ -20,7 +21,7 @@ from consumer.engine.partition import PartitionState
 from consumer.kafka.source import Partition
 from consumer.ops import metrics
 from consumer.sink.clickhouse import ClickHouseSink, UnresolvedPrevious
-from consumer.transform.mapping import Mapper, MappingError, NewColumns, TableMapping
+from consumer.transform.mapping import Mapper, NewColumns, TableMapping
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,11 @@ class PythonLane:
         try:
             event = self.decoder.decode(value)
             rows = [] if event is None else self._map(state, event, offset)
-        except (RegistryUnavailable, BlockingIOError) as exc:
+        except (Transient, BlockingIOError) as exc:
             metrics.registry_retries.inc()
             log.warning("cannot apply %s[%d]@%d yet (%s); pausing the partition", *partition, offset, exc)
             return False
-        except (DecodeError, MappingError) as exc:
+        except Poison as exc:
             self.dead_letter(partition, offset, key, value, exc.error_class, str(exc))
             state.batch.skip(offset)
             state.message_applied()

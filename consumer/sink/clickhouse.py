@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlparse
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
+from consumer.sink.migrate import applied_offsets
 from consumer.transform.mapping import KEEP_PREVIOUS, TableMapping
 
 log = logging.getLogger(__name__)
@@ -149,11 +150,7 @@ class ClickHouseSink:
 
     def applied_offsets(self, table: str, topic: str) -> dict[int, int]:
         """partition → highest Kafka offset whose rows are in `table` (the applied watermark)."""
-        result = self.client.query(
-            f"SELECT _partition, max(_offset) FROM {table} WHERE _topic = {{topic:String}} GROUP BY _partition",
-            parameters={"topic": topic},
-        )
-        return {int(p): int(o) for p, o in result.result_rows}
+        return applied_offsets(self.client, table, topic)
 
     def applied_in_ranges(self, table: str, topic: str, ranges: dict[int, range]) -> dict[int, AppliedOffsets]:
         """partition → the offsets inside `ranges[partition]` whose rows are in `table`.

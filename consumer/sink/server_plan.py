@@ -1,9 +1,9 @@
 """SERVER-SIDE DECODE: the fast lane for fact tables. ClickHouse decodes the Avro and maps the
 Debezium envelopes to signed fact rows; Python keeps batching, deduplication and commits.
 
-Why: decoding a Debezium envelope with fastavro costs ~15 µs per message and the mapping a few
-more; ClickHouse decodes the same bytes for ~1 µs of CPU. So for a batch of a fact topic the
-pipeline hands over the raw message values, and ClickHouse does the rest in one INSERT:
+Why: decoding a Debezium envelope in Python (fastavro) and mapping it costs many times the CPU
+ClickHouse needs to decode the same bytes natively. So for a batch of a fact topic the pipeline
+hands over the raw message values, and ClickHouse does the rest in one INSERT:
 
 * the payload is an Avro object container (`INSERT … FORMAT Avro`) whose schema is the writer
   schema wrapped in a record ``{_k: fixed(8), _h: fixed(5), <envelope fields>, _t: fixed(8)}``:
@@ -13,13 +13,15 @@ pipeline hands over the raw message values, and ClickHouse does the rest in one 
   to the registry. ``_t`` = ``_k`` proves each record ended exactly where its value ended (a value
   with trailing bytes, or a truncated one, shifts every later field);
 * the insert goes into a staging table (``ENGINE = Null``: nothing stored) whose materialized
-  view writes the fact rows (+1 after-image, -1 before-image) into the fact table, with
+  view writes the fact rows (signed images as consumer.transform.fact_rules declares them, the
+  rules the Python path follows too) into the fact table, with
   ``_topic``/``_partition``/``_offset``, so the applied watermark works as for Python's rows;
   the fact table's own views (the KPI aggregate) follow as usual. ``insert_deduplication_token``
   deduplicates a retried insert in the fact table and in the aggregate alike (checked);
-* the view re-checks everything the Python path would reject or treat specially (any op but
-  c/u/d: snapshot reads are reconciled with what ClickHouse holds, in Python; a missing
-  image, an unchanged-TOAST placeholder, a NULL for a non-Nullable column, a timestamp outside
+* the view re-checks everything the Python path would reject or treat specially (an op whose
+  fact rule is not `server_side`: snapshot reads are reconciled with what ClickHouse holds, in
+  Python; an image the rule needs that is missing, or incomplete where it retracts a row; an
+  unchanged-TOAST placeholder, a NULL for a non-Nullable column, a timestamp outside
   DateTime64 or not in Debezium's canonical form, a decimal that does not fit) with ``throwIf``:
   then the whole insert fails before anything is written, and the pipeline applies that batch
   through the Python path, which dead-letters exactly the bad messages. So on every batch that
@@ -37,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import struct
 import time
 from collections.abc import Iterator, Sequence
@@ -47,6 +48,19 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from consumer.decode.avro_schema import fields_by_name, image_records, is_optional, named_types, resolve, strip
+from consumer.sink.clickhouse import INSERT_SETTINGS
+from consumer.transform.clickhouse_types import (
+    DATETIME64_MAX,
+    DATETIME64_MAX_US,
+    DATETIME64_MIN,
+    DATETIME64_MIN_US,
+    decimal_parameters,
+    quote_identifier,
+    sql_string,
+    unwrap,
+)
+from consumer.transform.fact_rules import SERVER_RULES, SIDES, FactRule
 from consumer.transform.mapping import TableMapping
 
 log = logging.getLogger(__name__)
@@ -57,20 +71,20 @@ MAX_OFFSET = (1 << OFFSET_BITS) - 1
 MAX_PARTITION = (1 << 16) - 1
 RETRY_S = 10.0  # after a transient failure to set a plan up, the Python path for this long
 SYNC = b"cdc-consumer-ocf"  # the container's 16-byte sync marker (any constant will do)
-BLOCK_MESSAGES = 1_000  # messages per Avro block of a payload (~250 kB)
+# Messages per Avro block of a payload: enough to make the per-block overhead negligible, few
+# enough that no block is a large copy.
+BLOCK_MESSAGES = 1_000
 _COORDINATES = struct.Struct("<Q").pack
 ZONED_TIMESTAMP = "io.debezium.time.ZonedTimestamp"
 MICRO_TIMESTAMP = "io.debezium.time.MicroTimestamp"
 TIMESTAMP = "io.debezium.time.Timestamp"
-# DateTime64's range (see consumer.transform.mapping): as epoch microseconds, and as canonical text years.
-DT64_MIN_US = -2208988800_000000  # 1900-01-01T00:00:00Z
-DT64_MAX_US = 10413791999_999999  # 2299-12-31T23:59:59.999999Z
+# DateTime64's range spans whole years, so Debezium's canonical text is in range exactly when its
+# year is: a text comparison, which needs no parse that could wrap around.
+_DATETIME64_YEARS = f"'{DATETIME64_MIN.year:04d}' AND '{DATETIME64_MAX.year:04d}'"
 
-INSERT_SETTINGS = {
-    "async_insert": 0,
-    "insert_deduplicate": 1,
-    "deduplicate_blocks_in_dependent_materialized_views": 1,
-    # One block per insert: a rejected insert must leave nothing behind.
+# A rejected insert must leave nothing behind: one block per insert.
+ONE_BLOCK_INSERT_SETTINGS = {
+    **INSERT_SETTINGS,
     "max_insert_block_size": 10_000_000,
     "min_insert_block_size_rows": 0,
     "min_insert_block_size_bytes": 0,
@@ -131,8 +145,8 @@ class ServerPlan:
     def payload(self, segments: Sequence[Segment]) -> Iterator[bytes]:
         """The Avro container for these messages (all with this plan's header), partition after
         partition, as a stream of Avro blocks of up to BLOCK_MESSAGES messages each: never one
-        large copy of them all (allocating and copying a 10 MB payload twice cost more CPU here
-        than everything else Python does per message on the fast lane)."""
+        large copy of them all, since copying a batch's megabytes would cost more CPU than
+        everything else Python does per message on the fast lane."""
         for partition, offsets, _ in segments:
             if not 0 <= partition <= MAX_PARTITION or (offsets and offsets[-1] > MAX_OFFSET):
                 raise ValueError(f"partition {partition} / offset {offsets[-1]} do not fit the 8-byte coordinates")
@@ -154,25 +168,10 @@ class ServerPlan:
 # -- compiling a plan ---------------------------------------------------------------------------
 
 
-def _strip(node: Any) -> Any:
-    """A fastavro-parsed schema back to plain Avro JSON (its bookkeeping keys removed)."""
-    if isinstance(node, list):
-        return [_strip(n) for n in node]
-    if isinstance(node, dict):
-        return {k: _strip(v) for k, v in node.items() if not k.startswith("__")}
-    return node
-
-
-def _quote(name: str) -> str:
-    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
-
-
-def _sql_string(s: str) -> str:
-    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 @dataclass(frozen=True)
-class _Field:
+class StagingField:
+    """One column of a before/after image as the staging table reads it."""
+
     name: str
     clickhouse: str  # the staging type of the value (inside Nullable when optional)
     avro: str  # primitive type
@@ -181,106 +180,87 @@ class _Field:
     precision: int = 0
     scale: int = 0
 
-
-def _resolve(node: Any, named: dict[str, Any]) -> Any:
-    if isinstance(node, str) and node in named:
-        return named[node]
-    return node
+    @property
+    def staging_type(self) -> str:
+        return f"Nullable({self.clickhouse})" if self.optional else self.clickhouse
 
 
-def _field(name: str, node: Any, named: dict[str, Any]) -> _Field:
+_SIMPLE_TYPES = {
+    "long": "Int64",
+    "int": "Int32",
+    "string": "String",
+    "boolean": "Bool",
+    "double": "Float64",
+    "float": "Float32",
+    "bytes": "String",
+}
+
+
+def staging_field(name: str, node: Any, named: dict[str, Any]) -> StagingField:
+    """The staging column of an Avro field; Unsupported for a type ClickHouse is not given."""
     optional = False
-    node = _resolve(node, named)
+    node = resolve(node, named)
     if isinstance(node, list):
-        branches = [b for b in node if b != "null"]
-        if len(branches) != 1 or len(node) != 2:
+        if not is_optional(node):
             raise Unsupported(f"column {name!r}: union {node}")
         optional = True
-        node = _resolve(branches[0], named)
+        node = resolve(next(b for b in node if b != "null"), named)
     base = node if isinstance(node, str) else node.get("type")
     logical = None if isinstance(node, str) else (node.get("connect.name") or node.get("logicalType"))
     if base == "bytes" and isinstance(node, dict) and node.get("logicalType") == "decimal":
         precision, scale = int(node.get("precision", 0)), int(node.get("scale", 0))
         if not 0 < precision <= 76 or not 0 <= scale <= precision:
             raise Unsupported(f"column {name!r}: decimal({precision}, {scale})")
-        return _Field(name, f"Decimal({precision}, {scale})", "decimal", optional, "decimal", precision, scale)
-    simple = {
-        "long": "Int64",
-        "int": "Int32",
-        "string": "String",
-        "boolean": "Bool",
-        "double": "Float64",
-        "float": "Float32",
-        "bytes": "String",
-    }
-    if base not in simple:
+        return StagingField(name, f"Decimal({precision}, {scale})", "decimal", optional, "decimal", precision, scale)
+    if base not in _SIMPLE_TYPES:
         raise Unsupported(f"column {name!r}: Avro type {base!r}")
-    return _Field(name, simple[base], base, optional, logical)
+    return StagingField(name, _SIMPLE_TYPES[base], base, optional, logical)
 
 
-def _collect_named(node: Any, named: dict[str, Any]) -> None:
-    if isinstance(node, list):
-        for n in node:
-            _collect_named(n, named)
-    elif isinstance(node, dict):
-        if node.get("type") in ("record", "enum", "fixed") and "name" in node:
-            named[node["name"]] = node
-            if node.get("namespace") and "." not in node["name"]:
-                named[f"{node['namespace']}.{node['name']}"] = node
-        for key in ("type", "items", "values", "fields"):
-            if key in node:
-                _collect_named(node[key], named)
+def tuple_type(fields: Sequence[StagingField]) -> str:
+    """The ClickHouse Tuple type of a record read as these fields."""
+    return "Tuple(" + ", ".join(f"{quote_identifier(f.name)} {f.staging_type}" for f in fields) + ")"
 
 
-def _value_record(envelope: dict[str, Any], named: dict[str, Any]) -> dict[str, Any]:
-    fields = {f["name"]: f for f in envelope.get("fields", [])}
+def image_record(envelope: dict[str, Any], named: dict[str, Any]) -> dict[str, Any]:
+    """The record of a Debezium envelope's images, when the staging table can read it: `op` a
+    string, `before` and `after` optional records with the same fields. Unsupported otherwise."""
+    fields = fields_by_name(envelope)
     for required in ("before", "after", "op"):
         if required not in fields:
             raise Unsupported(f"not a Debezium envelope (no {required!r})")
-    if _resolve(fields["op"]["type"], named) != "string":
+    if resolve(fields["op"]["type"], named) != "string":
         raise Unsupported("op is not a string")
-    records = []
-    for side in ("before", "after"):
-        node = _resolve(fields[side]["type"], named)
-        if not (isinstance(node, list) and len(node) == 2 and "null" in node):
+    records = image_records(envelope, named)
+    for side, record in zip(("before", "after"), records, strict=True):
+        node = resolve(fields[side]["type"], named)
+        if not (isinstance(node, list) and is_optional(node)):
             raise Unsupported(f"{side} is not an optional record")
-        record = _resolve(next(b for b in node if b != "null"), named)
-        if not (isinstance(record, dict) and record.get("type") == "record"):
+        if record is None:
             raise Unsupported(f"{side} is not a record")
-        records.append(record)
-    if records[0] is not records[1] and records[0].get("fields") != records[1].get("fields"):
+    before, after = records
+    if before is not after and before.get("fields") != after.get("fields"):
         raise Unsupported("before and after have different records")
-    return records[1]
+    return after
 
 
-_DECIMAL_TYPE = re.compile(r"^Decimal\((\d+),\s*(\d+)\)$")
-_WRAPPERS = re.compile(r"^(LowCardinality|Nullable)\((.*)\)$")
-
-
-def _target(clickhouse_type: str) -> tuple[str, bool]:
-    inner, nullable = clickhouse_type.strip(), False
-    while match := _WRAPPERS.match(inner):
-        nullable = nullable or match.group(1) == "Nullable"
-        inner = match.group(2).strip()
-    return inner, nullable
-
-
-def _column_expression(column, source: _Field | None, placeholder: str) -> tuple[str, list[str]]:
+def _column_expression(column, source: StagingField | None, placeholder: str) -> tuple[str, list[str]]:
     """SQL for one mapped column over the tuple `img`, and the conditions that must send the
     batch to the Python path. Only conversions whose result equals consumer.transform.mapping's exactly."""
-    inner, nullable = _target(column.clickhouse_type)
+    inner, nullable = unwrap(column.clickhouse_type)
     if source is None:
         if not nullable:
             raise Unsupported(f"{column.name}: source column {column.source!r} is not in this schema")
         return f"CAST(NULL AS {column.clickhouse_type})", []
-    v = f"img.{_quote(source.name)}"
+    v = f"img.{quote_identifier(source.name)}"
     checks: list[str] = []
     if source.optional and not nullable:
         checks.append(f"isNull({v})")
     x = f"assumeNotNull({v})" if source.optional else v
     value_checks: list[str] = []  # over x; every one non-NULL by construction
     if source.avro in ("string", "bytes"):
-        value_checks.append(f"{x} = {_sql_string(placeholder)}")  # unchanged TOAST in a fact
+        value_checks.append(f"{x} = {sql_string(placeholder)}")  # unchanged TOAST in a fact
+    decimal = decimal_parameters(inner)
     if inner == "Int64" and source.avro in ("long", "int") and source.logical is None:
         expr = f"toInt64({x})"
     elif (inner == "Int32" and source.avro == "int" and source.logical is None) or (
@@ -291,8 +271,8 @@ def _column_expression(column, source: _Field | None, placeholder: str) -> tuple
         expr = f"toFloat64({x})"
     elif inner == "Bool" and source.avro == "boolean":
         expr = f"toUInt8({x})"
-    elif (m := _DECIMAL_TYPE.match(inner)) and source.avro == "decimal":
-        precision, scale = int(m.group(1)), int(m.group(2))
+    elif decimal and source.avro == "decimal":
+        precision, scale = decimal
         if source.scale > scale:
             raise Unsupported(f"{column.name}: decimal scale {source.scale} > {scale}")
         digits = precision - scale
@@ -308,13 +288,13 @@ def _column_expression(column, source: _Field | None, placeholder: str) -> tuple
         parsed = f"parseDateTime64BestEffortOrNull({x}, 6, 'UTC')"
         value_checks.append(
             f"NOT ifNull(length({x}) = 27 AND substring({x}, 11, 1) = 'T' AND endsWith({x}, 'Z') "
-            f"AND substring({x}, 1, 4) BETWEEN '1900' AND '2299' "
+            f"AND substring({x}, 1, 4) BETWEEN {_DATETIME64_YEARS} "
             f"AND formatDateTime({parsed}, '%Y-%m-%dT%H:%i:%S.%fZ', 'UTC') = {x}, 0)"
         )
         expr = parsed
     elif inner == "DateTime64(6, 'UTC')" and source.avro == "long" and source.logical in (MICRO_TIMESTAMP, TIMESTAMP):
         micros = x if source.logical == MICRO_TIMESTAMP else f"({x} * 1000)"
-        value_checks.append(f"NOT ({micros} BETWEEN {DT64_MIN_US} AND {DT64_MAX_US})")
+        value_checks.append(f"NOT ({micros} BETWEEN {DATETIME64_MIN_US} AND {DATETIME64_MAX_US})")
         expr = f"fromUnixTimestamp64Micro({micros}, 'UTC')"
     else:
         raise Unsupported(f"{column.name}: {source.avro}/{source.logical} into {column.clickhouse_type}")
@@ -327,12 +307,53 @@ def _column_expression(column, source: _Field | None, placeholder: str) -> tuple
     return f"CAST({expr} AS {column.clickhouse_type})", checks
 
 
+# -- the fact rules in SQL ----------------------------------------------------------------------
+
+
+def _ops(rules: Sequence[FactRule]) -> str:
+    return ", ".join(sql_string(rule.op) for rule in rules)
+
+
+def fan_out_sql(rules: Sequence[FactRule]) -> str:
+    """The signed images of a change as an array of (image, sign), one entry per row it writes."""
+    branches = [
+        f"op = {sql_string(rule.op)}, ["
+        + ", ".join(f"(assumeNotNull({row.side}), toInt8({row.sign}))" for row in rule.rows)
+        + "]"
+        for rule in rules
+    ]
+    return "multiIf(\n            " + ",\n            ".join([*branches, "[]"]) + ")"
+
+
+def _rule_checks(table: TableMapping, by_name: dict[str, StagingField], rules: Sequence[FactRule]) -> list[str]:
+    """Conditions under which a change is not one the rules let ClickHouse apply: an op left to
+    Python, an image the op needs that is NULL, an image it retracts without every non-key column."""
+    checks = [f"op NOT IN ({_ops(rules)})"]
+    for side in SIDES:
+        needing = [rule for rule in rules if side in rule.needs]
+        if needing:
+            checks.append(f"(op IN ({_ops(needing)}) AND isNull({side}))")
+        complete = [rule for rule in rules if any(r.side == side and r.must_be_complete for r in rule.rows)]
+        if not complete:
+            continue
+        for column in table.columns:
+            if column.name in table.key:
+                continue
+            source = by_name.get(column.source)
+            if source is None:
+                checks.append(f"op IN ({_ops(complete)})")
+            elif source.optional:
+                element = f"tupleElement({side}, {sql_string(source.name)})"
+                checks.append(f"(op IN ({_ops(complete)}) AND isNull({element}))")
+    return checks
+
+
 def compile_plan(table: TableMapping, schema_id: int, writer: dict[str, Any], placeholder: str) -> ServerPlan:
     """The staging table, view and container header for one fact table and writer schema.
     Raises Unsupported when this combination must stay on the Python path."""
     if table.role != "fact":
         raise Unsupported(f"{table.table} is a {table.role} table")
-    envelope = _strip(writer)
+    envelope = strip(writer)
     if not isinstance(envelope, dict) or envelope.get("type") != "record":
         raise Unsupported("the writer schema is not a record")
     # Debezium names the envelope `<prefix>.<schema>.<table>.Envelope`: a writer schema of another
@@ -341,43 +362,30 @@ def compile_plan(table: TableMapping, schema_id: int, writer: dict[str, Any], pl
     written_for = str(envelope.get("name", "")).rsplit(".", 2)
     if len(written_for) != 3 or written_for[1] != table.expected_table:
         raise Unsupported(f"writer schema {envelope.get('name')!r} is not of table {table.expected_table!r}")
-    named: dict[str, Any] = {}
-    _collect_named(envelope, named)
-    record = _value_record(envelope, named)
-    fields = [_field(f["name"], f["type"], named) for f in record["fields"]]
+    named = named_types(envelope)
+    record = image_record(envelope, named)
+    fields = [staging_field(f["name"], f["type"], named) for f in record["fields"]]
     by_name = {f.name: f for f in fields}
     if table.extra_columns == "add" and set(by_name) - table.sources:
         raise Unsupported("the schema has columns the mapping would add")
-    leaves = ", ".join(
-        f"{_quote(f.name)} {'Nullable(' + f.clickhouse + ')' if f.optional else f.clickhouse}" for f in fields
-    )
-    image = f"Tuple({leaves})"
-    selects, row_checks, before_checks = [], [], []
-    for column in table.columns:
-        expr, checks = _column_expression(column, by_name.get(column.source), placeholder)
-        selects.append(f"{expr} AS {_quote(column.name)}")
-        row_checks.extend(checks)
-    # consumer.transform.mapping retracts an updated or deleted fact only from a complete before-image:
-    # a non-key column that is NULL or absent there sends the change to the dead-letter topic.
-    for column in table.columns:
-        if column.name in table.key:
-            continue
-        source = by_name.get(column.source)
-        if source is None:
-            before_checks.append("op IN ('u', 'd')")
-        elif source.optional:
-            before_checks.append(f"(op IN ('u', 'd') AND isNull(tupleElement(before, {_sql_string(source.name)})))")
     names = [c.name for c in table.columns]
     if {"_sign", "_topic", "_partition", "_offset"} & set(names):
         raise Unsupported("a mapped column uses a bookkeeping name")
+    image = tuple_type(fields)
+    selects, row_checks = [], []
+    for column in table.columns:
+        expr, checks = _column_expression(column, by_name.get(column.source), placeholder)
+        selects.append(f"{expr} AS {quote_identifier(column.name)}")
+        row_checks.extend(checks)
     staging_columns = f"_k FixedString(8), _h FixedString(5), op String, before Nullable({image}), after Nullable({image}), _t FixedString(8)"
-    message_checks = (
-        "_t != _k OR _h != " + _sql_string_bytes(b"\x00" + schema_id.to_bytes(4, "big")) + " "
-        "OR op NOT IN ('c', 'u', 'd') OR (op != 'd' AND isNull(after)) OR (op IN ('u', 'd') AND isNull(before))"
-        + "".join(f" OR {c}" for c in before_checks)
-    )
+    header = _sql_string_bytes(b"\x00" + schema_id.to_bytes(4, "big"))
+    message_check = " OR ".join(["_t != _k", f"_h != {header}", *_rule_checks(table, by_name, SERVER_RULES)])
+    fan_out = fan_out_sql(SERVER_RULES)
     row_check = " OR ".join(f"({c})" for c in row_checks) or "0"
-    digest_source = json.dumps([table.table, table.topic, schema_id, staging_columns, selects, row_check])
+    # Everything the view does is in the name: a plan that changed gets a table and view of its own.
+    digest_source = json.dumps(
+        [table.table, table.topic, schema_id, staging_columns, selects, fan_out, message_check, row_check]
+    )
     digest = hashlib.sha256(digest_source.encode()).hexdigest()[:12]
     staging = f"_cdc_in_{table.table}_{digest}"
     view = f"_cdc_mv_{table.table}_{digest}"
@@ -385,29 +393,25 @@ def compile_plan(table: TableMapping, schema_id: int, writer: dict[str, Any], pl
         [
             *selects,
             "s AS _sign",
-            f"{_sql_string(table.topic)} AS _topic",
+            f"{sql_string(table.topic)} AS _topic",
             f"toUInt32(bitShiftRight(k, {OFFSET_BITS})) AS _partition",
             f"bitAnd(k, {MAX_OFFSET}) AS _offset",
         ]
     )
     ddl = (
-        f"CREATE TABLE IF NOT EXISTS {_quote(staging)} ({staging_columns}) ENGINE = Null",
-        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {_quote(view)} TO {_quote(table.table)} AS
+        f"CREATE TABLE IF NOT EXISTS {quote_identifier(staging)} ({staging_columns}) ENGINE = Null",
+        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {quote_identifier(view)} TO {quote_identifier(table.table)} AS
 SELECT
     {select}
 FROM
 (
     SELECT
         reinterpretAsUInt64(_k) AS k,
-        arrayJoin(multiIf(
-            op = 'c', [(assumeNotNull(after), toInt8(1))],
-            op = 'u', [(assumeNotNull(before), toInt8(-1)), (assumeNotNull(after), toInt8(1))],
-            op = 'd', [(assumeNotNull(before), toInt8(-1))],
-            [])) AS r,
+        arrayJoin({fan_out}) AS r,
         r.1 AS img,
         r.2 AS s
-    FROM {_quote(staging)}
-    WHERE throwIf({message_checks}, 'cdc: a change only the Python path may apply') = 0
+    FROM {quote_identifier(staging)}
+    WHERE throwIf({message_check}, 'cdc: a change only the Python path may apply') = 0
 )
 WHERE throwIf({row_check}, 'cdc: a value only the Python path may convert') = 0""",
     )
@@ -520,7 +524,7 @@ class ServerDecoder:
                 plan.staging,
                 insert_block=payload,
                 fmt="Avro",
-                settings={**INSERT_SETTINGS, "insert_deduplication_token": token},
+                settings={**ONE_BLOCK_INSERT_SETTINGS, "insert_deduplication_token": token},
             )
         except DatabaseError as exc:
             # The server's own exception (an exception code in its answer, first attempt): the

@@ -5,23 +5,24 @@ knows nothing of Kafka or of how rows reach ClickHouse.
 
 * A dimension change is one row per key with a version that orders changes of that key
   (`_version`, see `row_version`) and `_is_deleted` for deletes.
-* A fact change is signed rows: +1 for the new image, -1 for the old one. An update writes
-  both, so additive KPI states (sums of `_sign`, of `_sign * cost`) stay exact.
+* A fact change is signed rows (+1 for the new image, -1 for the old one) as
+  `consumer.transform.fact_rules` declares them for both lanes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
-from consumer.decode.envelope import UNCHANGED_TOAST, ChangeEvent
+from consumer.core.errors import MappingError
+from consumer.core.types import UNCHANGED_TOAST, ChangeEvent
+from consumer.transform.clickhouse_types import Converter, converter_for, unwrap
+from consumer.transform.fact_rules import FACT_RULES
 
 # A column whose new value is "whatever it was": the sink fills in the previous value.
 KEEP_PREVIOUS = UNCHANGED_TOAST
@@ -29,118 +30,6 @@ KEEP_PREVIOUS = UNCHANGED_TOAST
 log = logging.getLogger(__name__)
 
 DEFAULT_MAPPING = Path(__file__).with_name("default_mapping.toml")
-EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-# DateTime64's representable range in ClickHouse.
-DATETIME64_MIN = dt.datetime(1900, 1, 1, tzinfo=dt.UTC)
-DATETIME64_MAX = dt.datetime(2299, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC)
-
-
-class MappingError(Exception):
-    """A change that cannot become rows: dead-lettered with `error_class` and the reason."""
-
-    def __init__(self, error_class: str, message: str):
-        super().__init__(message)
-        self.error_class = error_class
-
-
-Converter = Callable[[Any], Any]
-
-
-def _to_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise TypeError(f"expected an integer, got {value!r}")
-    return int(value)
-
-
-def _decimal_converter(scale: int, precision: int) -> Converter:
-    quantum = Decimal(1).scaleb(-scale)
-    limit = Decimal(10) ** (precision - scale)
-
-    def convert(value: Any) -> Decimal:
-        if isinstance(value, float):
-            raise TypeError(f"float {value!r} for an exact decimal column")
-        number = value if isinstance(value, Decimal) else Decimal(str(value))
-        exact = number.quantize(quantum)
-        if exact != number:
-            raise ValueError(f"{number} has more than {scale} decimal places")
-        if abs(exact) >= limit:
-            raise ValueError(f"{number} exceeds Decimal({precision}, {scale})")
-        return exact
-
-    return convert
-
-
-def _to_datetime(value: Any) -> dt.datetime:
-    if isinstance(value, dt.datetime):
-        moment = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-    elif isinstance(value, str):
-        moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        moment = moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
-    elif isinstance(value, int) and not isinstance(value, bool):
-        moment = EPOCH + dt.timedelta(microseconds=value)
-    else:
-        raise TypeError(f"expected a timestamp, got {value!r}")
-    moment = moment.astimezone(dt.UTC)
-    if not DATETIME64_MIN <= moment <= DATETIME64_MAX:
-        raise OverflowError(f"{moment.isoformat()} is outside ClickHouse DateTime64's range")
-    return moment
-
-
-def _to_date(value: Any) -> dt.date:
-    if isinstance(value, dt.datetime):
-        return value.astimezone(dt.UTC).date()
-    if isinstance(value, dt.date):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return dt.date(1970, 1, 1) + dt.timedelta(days=value)
-    return dt.date.fromisoformat(str(value))
-
-
-def _to_str(value: Any) -> str:
-    return value if isinstance(value, str) else str(value)
-
-
-def _to_float(value: Any) -> float:
-    return float(value)
-
-
-def _to_bool(value: Any) -> int:
-    return int(bool(value))
-
-
-_WRAPPERS = re.compile(r"^(LowCardinality|Nullable)\((.*)\)$")
-
-
-def converter_for(clickhouse_type: str) -> tuple[Converter, Any]:
-    """A converter from a decoded value to what clickhouse-connect inserts into that type,
-    and the type's zero value (filler for the non-key columns of a delete marker)."""
-    inner = clickhouse_type.strip()
-    nullable = False
-    while match := _WRAPPERS.match(inner):
-        nullable = nullable or match.group(1) == "Nullable"
-        inner = match.group(2).strip()
-    base, zero = _base_converter(inner)
-    if not nullable:
-        return base, zero
-    return (lambda value: None if value is None else base(value)), None
-
-
-def _base_converter(inner: str) -> tuple[Converter, Any]:
-    if match := re.fullmatch(r"Decimal\((\d+),\s*(\d+)\)", inner):
-        return _decimal_converter(scale=int(match.group(2)), precision=int(match.group(1))), Decimal(0)
-    if inner.startswith("DateTime"):
-        return _to_datetime, EPOCH
-    if inner in ("Date", "Date32"):
-        return _to_date, EPOCH.date()
-    if re.fullmatch(r"U?Int\d+", inner):
-        return _to_int, 0
-    if inner.startswith("Float"):
-        return _to_float, 0.0
-    if inner == "Bool":
-        return _to_bool, 0
-    if inner in ("String", "UUID") or inner.startswith("FixedString"):
-        return _to_str, ""
-    raise ValueError(f"unsupported column type {inner!r} in the mapping")
 
 
 @dataclass(frozen=True)
@@ -150,6 +39,10 @@ class ColumnMapping:
     source: str
     convert: Converter = field(repr=False, compare=False)
     zero: Any = field(repr=False, compare=False)
+
+    @property
+    def nullable(self) -> bool:
+        return unwrap(self.clickhouse_type)[1]
 
 
 @dataclass(frozen=True)
@@ -341,20 +234,22 @@ class Mapper:
         return (*self._image(table, event.after), version, 0)
 
     def _fact_rows(self, table: TableMapping, event: ChangeEvent) -> list[tuple]:
-        if event.op in ("c", "r"):
-            return [(*self._image(table, _require(event.after, event, "after")), 1)]
-        before = _require(event.before, event, "before")
-        if any(before.get(c.source) is None and c.name not in table.key for c in table.columns):
-            # REPLICA IDENTITY DEFAULT sends only the key: the old row cannot be retracted.
-            raise MappingError(
-                "incomplete_before_image",
-                f"{event.op!r} on fact table {event.table} lacks its full before-image; "
-                "set REPLICA IDENTITY FULL on the source table",
-            )
-        retract = (*self._image(table, before), -1)
-        if event.op == "d":
-            return [retract]
-        return [retract, (*self._image(table, _require(event.after, event, "after")), 1)]
+        rule = FACT_RULES.get(event.op)
+        if rule is None:
+            raise MappingError("unsupported_op", f"op {event.op!r} on fact table {event.table} has no fact rule")
+        rows = []
+        for signed in rule.rows:
+            image = _require(getattr(event, signed.side), event, signed.side)
+            if signed.must_be_complete and any(
+                image.get(c.source) is None and c.name not in table.key for c in table.columns
+            ):
+                raise MappingError(
+                    f"incomplete_{signed.side}_image",
+                    f"{event.op!r} on fact table {event.table} lacks its full {signed.side}-image; "
+                    "set REPLICA IDENTITY FULL on the source table",
+                )
+            rows.append((*self._image(table, image), signed.sign))
+        return rows
 
     def _image(self, table: TableMapping, image: dict[str, Any]) -> list[Any]:
         return [self._convert(table, column, image) for column in table.columns]
@@ -370,7 +265,7 @@ class Mapper:
                 )
             return KEEP_PREVIOUS
         if value is None:
-            nullable = column.clickhouse_type.startswith("Nullable")
+            nullable = column.nullable
             if column.source not in image and not nullable:
                 raise MappingError(
                     "missing_column",

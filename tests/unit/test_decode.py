@@ -35,13 +35,10 @@ from typing import Any
 import fastavro
 import pytest
 
-from consumer.decode.envelope import (
-    UNCHANGED_TOAST,
-    ChangeEvent,
-    DecodeError,
-    EnvelopeDecoder,
-)
-from consumer.decode.registry import RegistryUnavailable, SchemaRegistry, parse_writer_schema
+from consumer.core.errors import DecodeError, RegistryUnavailable
+from consumer.core.types import UNCHANGED_TOAST, ChangeEvent
+from consumer.decode.envelope import EnvelopeDecoder
+from consumer.decode.registry import SchemaRegistry, parse_writer_schema
 from consumer.transform.mapping import Mapper, load_mapping
 
 PLACEHOLDER = "__debezium_unavailable_value"

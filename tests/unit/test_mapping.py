@@ -7,8 +7,9 @@ from decimal import Decimal
 
 import pytest
 
-from consumer.decode.envelope import UNCHANGED_TOAST, ChangeEvent
-from consumer.transform.mapping import KEEP_PREVIOUS, Mapper, MappingError, load_mapping, row_version
+from consumer.core.errors import MappingError
+from consumer.core.types import UNCHANGED_TOAST, ChangeEvent
+from consumer.transform.mapping import KEEP_PREVIOUS, Mapper, load_mapping, row_version
 
 MAPPING = load_mapping()
 MAPPER = Mapper(MAPPING)

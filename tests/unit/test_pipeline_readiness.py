@@ -3,7 +3,7 @@ while the partition happens to be paused between two attempts."""
 
 from __future__ import annotations
 
-from consumer.decode.registry import RegistryUnavailable
+from consumer.core.errors import RegistryUnavailable
 from consumer.engine.pipeline import Pipeline
 from tests.fakes import FakeEvent, FakeSink, FakeSource, fake_pipeline
 

@@ -93,7 +93,8 @@ def test_a_mapping_that_would_add_columns_stays_on_the_python_path() -> None:
 def test_a_mapped_column_missing_from_the_schema() -> None:
     schema, schema_id, _ = fixture("impressions_c")
     writer = parse_writer_schema(schema)
-    from consumer.transform.mapping import ColumnMapping, converter_for
+    from consumer.transform.clickhouse_types import converter_for
+    from consumer.transform.mapping import ColumnMapping
 
     extra = ColumnMapping("channel", "String", "channel", *converter_for("String"))
     with pytest.raises(Unsupported, match="not in this schema"):

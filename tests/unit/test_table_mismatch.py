@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from consumer.core.errors import MappingError
 from consumer.decode.envelope import EnvelopeDecoder
 from consumer.decode.registry import parse_writer_schema
 from consumer.sink.server_plan import Unsupported, compile_plan
-from consumer.transform.mapping import DEFAULT_MAPPING, Mapper, MappingError, load_mapping
+from consumer.transform.mapping import DEFAULT_MAPPING, Mapper, load_mapping
 
 ENVELOPES = Path(__file__).parents[1] / "fixtures" / "envelopes"
 MAPPING = load_mapping()
