@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     batch_max_rows: int = Field(200_000, gt=0)
     batch_max_bytes: int = Field(64 * 2**20, gt=0)
     batch_max_age_s: float = Field(0.5, gt=0)
+    # Caught up, write a batch at once instead of waiting out its age (consumer.engine.batch).
+    flush_when_caught_up: bool = True
+    min_insert_interval_s: float = Field(0.2, ge=0)
     poll_max_messages: int = Field(10_000, gt=0)
     metrics_port: int = Field(19108, ge=0, le=65535)
     # A TRUNCATE in Postgres: "dlq" sends the event to the dead-letter topic for an operator to act

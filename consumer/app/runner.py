@@ -51,7 +51,13 @@ def build_pipeline(settings: Settings, topics: list[str] | None = None, bounds: 
         sink=ClickHouseSink(client),
         dlq=DeadLetterQueue(settings.kafka_bootstrap, settings.dlq_topic),
         config=PipelineConfig(
-            batch=BatchPolicy(settings.batch_max_rows, settings.batch_max_bytes, settings.batch_max_age_s),
+            batch=BatchPolicy(
+                settings.batch_max_rows,
+                settings.batch_max_bytes,
+                settings.batch_max_age_s,
+                settings.flush_when_caught_up,
+                settings.min_insert_interval_s,
+            ),
             poll_messages=settings.poll_max_messages,
             server_decode=settings.server_decode,
             latest_rows_kept=settings.latest_rows_kept,

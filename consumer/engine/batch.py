@@ -16,11 +16,17 @@ from consumer.transform.mapping import TableMapping
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    # Large enough that catching up writes few, large parts: ClickHouse's CPU per change fell
-    # by a quarter from 50,000 rows / 32 MiB (fewer parts to write and merge).
+    """When a partition's batch is written. Under load: at whichever of rows, bytes or age comes
+    first, so that catching up writes few, large parts. Caught up (a poll brought less than it
+    asked for: nothing more is waiting), a batch is written at once, so latency is one insert
+    rather than the batch age; but a table gets at most one insert per `min_insert_interval_s`,
+    which bounds the parts a trickle of changes makes."""
+
     max_rows: int = 200_000
     max_bytes: int = 64 * 2**20
     max_age_s: float = 0.5
+    flush_when_caught_up: bool = True
+    min_insert_interval_s: float = 0.2
 
 
 @dataclass

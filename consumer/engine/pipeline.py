@@ -83,6 +83,7 @@ class Pipeline:
         self.stopping = False
         self.last_step = time.monotonic()  # for the liveness probe
         self._mid_poll = False  # while messages are being handed to their batches
+        self._last_insert: dict[str, float] = {}  # table → when its last insert returned
         self.source = source_factory(self._assigned, self._revoked, self._lost)
         self.commits = CommitPolicy(self.source, dlq, self.bounds)
         assignment = Assignment(self.partitions, self.config.batch, self.report)
@@ -223,9 +224,9 @@ class Pipeline:
                     held.add(partition)
         finally:
             self._mid_poll = False
-        self._after_poll(time.monotonic())
+        self._after_poll(time.monotonic(), caught_up=len(messages) < self.config.poll_messages)
 
-    def _after_poll(self, now: float) -> None:
+    def _after_poll(self, now: float, caught_up: bool) -> None:
         for partition, state in list(self.partitions.items()):
             if state.consumed:
                 labels = (partition[0], str(partition[1]))
@@ -240,19 +241,30 @@ class Pipeline:
             state = self.partitions[partition]
             if state.paused:
                 continue
-            if state.batch.ready(self.config.batch, now):
+            batch = state.batch
+            if batch.ready(self.config.batch, now) or (caught_up and batch.messages and self._may_insert(batch, now)):
                 self._flush(partition)
-            elif state.batch.messages == 0:
+            elif batch.messages == 0:
                 self.commits.idle(state)
 
+    def _may_insert(self, batch: PartitionBatch, now: float) -> bool:
+        return self.config.batch.flush_when_caught_up and now >= self._next_insert_at(batch.table.table)
+
+    def _next_insert_at(self, table: str) -> float:
+        return self._last_insert.get(table, float("-inf")) + self.config.batch.min_insert_interval_s
+
     def _poll_timeout(self, now: float) -> float:
-        """Wait for messages no longer than until the oldest batch is due: a poll that waits out
-        its whole timeout while a batch is due adds that wait to the batch's latency."""
-        started = [s.batch.started_at for s in self.partitions.values() if s.batch.messages and not s.paused]
-        if not started:
+        """Wait for messages no longer than until a batch may be written (its age, or its table's
+        next insert when caught up): a poll that waits out its whole timeout while a batch is due
+        adds that wait to the batch's latency."""
+        pending = [s.batch for s in self.partitions.values() if s.batch.messages and not s.paused]
+        if not pending:
             return self.config.poll_timeout_s
-        due = min(started) + self.config.batch.max_age_s - now
-        return min(self.config.poll_timeout_s, max(MIN_POLL_TIMEOUT_S, due))
+        policy = self.config.batch
+        due = min(b.started_at for b in pending) + policy.max_age_s
+        if policy.flush_when_caught_up:
+            due = min(due, min(self._next_insert_at(b.table.table) for b in pending))
+        return min(self.config.poll_timeout_s, max(MIN_POLL_TIMEOUT_S, due - now))
 
     def offer(self, message: Message) -> bool:
         """Hands one message to its partition's batch. False: stop reading this partition for now."""
@@ -345,6 +357,7 @@ class Pipeline:
     def _conclude(self, state: PartitionState, outcome: FlushOutcome) -> bool:
         match outcome:
             case Applied(group):
+                self._last_insert[state.batch.table.table] = time.monotonic()
                 self._applied(group)
                 return True
             case Failed(group, table, error):
