@@ -115,12 +115,13 @@ class DeadLetters:
 
     def __init__(self):
         self.sent: list[dict] = []
+        self.durable: list[dict] = []  # what a flush made durable
 
     def send(self, **record) -> None:
         self.sent.append(record)
 
     def flush(self, timeout: float = 30.0) -> None:
-        pass
+        self.durable = list(self.sent)
 
     def close(self) -> None:
         pass

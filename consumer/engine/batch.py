@@ -51,8 +51,19 @@ class PartitionBatch:
     # Indexes of rows that assert a state ("this fact exists, like so") rather than a change:
     # snapshot rows, which Debezium re-emits when an interrupted snapshot starts over.
     assertions: set[int] = field(default_factory=set)
+    # The messages whose rows the batch holds, by offset: what the dead-letter topic gets when
+    # ClickHouse refuses one of them (bounded with the batch by max_bytes).
+    sources: dict[int, tuple[bytes | None, bytes | None]] = field(default_factory=dict)
 
-    def add(self, offset: int, rows: list[tuple], size: int, commit_ts_ms: int | None, assertion: bool = False) -> None:
+    def add(
+        self,
+        offset: int,
+        rows: list[tuple],
+        size: int,
+        commit_ts_ms: int | None,
+        assertion: bool = False,
+        source: tuple[bytes | None, bytes | None] = (None, None),
+    ) -> None:
         if self.messages == 0:
             self.started_at = time.monotonic()
         self.messages += 1
@@ -63,6 +74,7 @@ class PartitionBatch:
                 self.assertions.update(range(len(self.rows), len(self.rows) + len(rows)))
             # The Kafka coordinates go into every row: they are the applied watermark.
             self.rows.extend((*row, self.topic, self.partition, offset) for row in rows)
+            self.sources[offset] = source
             if self.first_row_offset is None:
                 self.first_row_offset = offset
             self.last_row_offset = offset
@@ -82,6 +94,30 @@ class PartitionBatch:
         if len(self.rows) + len(self.raw_values) >= policy.max_rows or self.bytes >= policy.max_bytes:
             return True
         return (now if now is not None else time.monotonic()) - self.started_at >= policy.max_age_s
+
+    def row_offsets(self) -> list[int]:
+        """The offsets of the messages whose rows the batch holds, ascending."""
+        return list(self.sources)
+
+    def head(self, last: int) -> PartitionBatch:
+        """The rows of the messages up to offset `last`, as a batch of their own."""
+        at = self.column_names.index("_offset")
+        cut = next((i for i, row in enumerate(self.rows) if row[at] > last), len(self.rows))
+        head = PartitionBatch(self.table, self.topic, self.partition, rows=self.rows[:cut])
+        head.assertions = {i for i in self.assertions if i < cut}
+        if head.rows:
+            head.first_row_offset, head.last_row_offset = head.rows[0][at], head.rows[-1][at]
+        return head
+
+    def drop_rows_through(self, last: int) -> None:
+        """Forget the rows of the messages up to offset `last`: ClickHouse or the DLQ holds them."""
+        cut = len(self.head(last).rows)
+        del self.rows[:cut]
+        self.assertions = {i - cut for i in self.assertions if i >= cut}
+        for offset in [o for o in self.sources if o <= last]:
+            del self.sources[offset]
+        at = self.column_names.index("_offset")
+        self.first_row_offset = self.rows[0][at] if self.rows else None
 
     @property
     def dedup_token(self) -> str:

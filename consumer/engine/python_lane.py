@@ -21,6 +21,7 @@ from consumer.engine.partition import PartitionState
 from consumer.kafka.source import Partition
 from consumer.ops import metrics
 from consumer.sink.clickhouse import ClickHouseSink, UnresolvedPrevious
+from consumer.sink.refusals import first_line, refused_for_data
 from consumer.transform.mapping import Mapper, NewColumns, TableMapping
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ class PythonLane:
             return True
         state.message_applied()
         commit_ts_ms = event.commit_ts_ms if event else None
-        state.batch.add(offset, rows, size, commit_ts_ms, assertion=event is not None and event.op == "r")
+        assertion = event is not None and event.op == "r"
+        state.batch.add(offset, rows, size, commit_ts_ms, assertion, source=(key, value))
         return True
 
     def _map(self, state: PartitionState, event, offset: int) -> list[tuple]:
@@ -97,19 +99,52 @@ class PythonLane:
                 partition, lambda b: b.table is batch.table and b.messages > 0 and not b.raw_values, len(batch.rows)
             )
         batches = [self.assignment.partitions[p].batch for p in group]
-        while True:
+        try:
             try:
                 self._insert(batches)
+            except Exception as exc:
+                if not refused_for_data(exc):
+                    raise
+                log.warning("ClickHouse refused rows of %s for their data (%s); bisecting", group, first_line(exc))
+                for member in batches:
+                    self._bisect(member, member.row_offsets())
+        except Exception as exc:
+            return Failed(group, batch.table.table, exc)
+        return Applied(group)
+
+    def _bisect(self, batch: PartitionBatch, offsets: list[int]) -> None:
+        """Writes the messages at `offsets` (the batch's first ones) in halves until each one
+        ClickHouse refuses stands alone, and dead-letters those. In offset order, and the
+        dead-letter topic is flushed before anything after a refused message is written: the
+        watermark can then never pass a message that is neither in ClickHouse nor in the DLQ."""
+        if not offsets:
+            return
+        try:
+            self._insert([batch.head(offsets[-1])])
+        except Exception as exc:
+            if not refused_for_data(exc):
+                raise
+            if len(offsets) > 1:
+                middle = len(offsets) // 2
+                self._bisect(batch, offsets[:middle])
+                self._bisect(batch, offsets[middle:])
+                return
+            key, value = batch.sources[offsets[0]]
+            partition = (batch.topic, batch.partition)
+            self.dead_letter(partition, offsets[0], key, value, "clickhouse_refused", first_line(exc))
+            self.dlq.flush()
+        batch.drop_rows_through(offsets[-1])
+
+    def _insert(self, batches: list[PartitionBatch]) -> None:
+        while True:
+            try:
+                return self._insert_once(batches)
             except UnresolvedPrevious as exc:
                 # Rows whose unchanged columns have no previous value anywhere: dead-letter them
                 # (with the row) and apply the rest.
                 self._dead_letter_unresolved(batches, exc)
-                continue
-            except Exception as exc:
-                return Failed(group, batch.table.table, exc)
-            return Applied(group)
 
-    def _insert(self, batches: list[PartitionBatch]) -> None:
+    def _insert_once(self, batches: list[PartitionBatch]) -> None:
         rows = [row for batch in batches for row in batch.rows]
         if not rows:
             return
