@@ -8,14 +8,19 @@ import os
 import threading
 import time
 
+from consumer.app.clients import clickhouse_client, schema_registry
 from consumer.decode.envelope import EnvelopeDecoder
-from consumer.decode.registry import SchemaRegistry
 from consumer.engine.batch import BatchPolicy
 from consumer.engine.dlq import DeadLetterQueue
 from consumer.engine.pipeline import Pipeline, PipelineConfig
+from consumer.kafka.client_config import kafka_client_config
+from consumer.kafka.lag import LagReader
 from consumer.kafka.source import KafkaSource, SourceConfig
+from consumer.ops import metrics
+from consumer.ops.http import OperationsServer, pipeline_probes
+from consumer.ops.lag_exporter import LagMonitor
 from consumer.settings import ConfigError, Settings
-from consumer.sink.clickhouse import ClickHouseSink, connect
+from consumer.sink.clickhouse import ClickHouseSink
 from consumer.sink.migrate import apply_migrations
 from consumer.transform.mapping import load_mapping
 
@@ -24,19 +29,18 @@ log = logging.getLogger(__name__)
 
 def build_pipeline(settings: Settings, topics: list[str] | None = None, bounds: dict | None = None) -> Pipeline:
     """The service's pipeline; `topics` and `bounds` make the bounded one of `cdc-consumer replay`."""
-    if not settings.kafka_bootstrap:
-        raise ConfigError('CDC_KAFKA_BOOTSTRAP is not set (for the native stack: eval "$(cdc-consumer stack env)")')
+    kafka = kafka_client_config(settings)
     try:
         mapping = load_mapping(settings.mapping_file, settings.topic_prefix)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    client = connect(settings.clickhouse_url, settings.clickhouse_embedded_path, compress=settings.clickhouse_compress)
+    client = clickhouse_client(settings)
     applied = apply_migrations(client)
     if applied:
         log.info("applied ClickHouse migrations: %s", ", ".join(applied))
-    registry = SchemaRegistry(settings.schema_registry_url) if settings.schema_registry_url else None
+    registry = schema_registry(settings)
     source_config = SourceConfig(
-        bootstrap=settings.kafka_bootstrap,
+        kafka=kafka,
         group_id=settings.group_id,
         topics=topics or mapping.topics,
         session_timeout_ms=settings.session_timeout_ms,
@@ -48,7 +52,7 @@ def build_pipeline(settings: Settings, topics: list[str] | None = None, bounds: 
         decoder=EnvelopeDecoder(registry),
         mapping=mapping,
         sink=ClickHouseSink(client),
-        dlq=DeadLetterQueue(settings.kafka_bootstrap, settings.dlq_topic),
+        dlq=DeadLetterQueue(kafka, settings.dlq_topic),
         config=PipelineConfig(
             batch=BatchPolicy(settings.batch_max_rows, settings.batch_max_bytes, settings.batch_max_age_s),
             poll_messages=settings.poll_max_messages,
@@ -86,13 +90,30 @@ def start_watchdog(pipeline, stall_s: float, exit=os._exit, interval_s: float | 
     return thread
 
 
+def serve_operations(settings: Settings, pipeline: Pipeline) -> tuple[OperationsServer, LagMonitor]:
+    """The operations port and the lag gauges of the assigned partitions."""
+    metrics.initialize_series(pipeline.mapping)
+    live, ready = pipeline_probes(pipeline)
+    server = OperationsServer(settings.metrics_port, live=live, ready=ready, addr=settings.metrics_bind_address).start()
+
+    def assigned() -> list:
+        for _ in range(3):  # the pipeline's thread may change the dict while we copy it
+            try:
+                return list(pipeline.partitions)
+            except RuntimeError:
+                time.sleep(0.01)
+        return []
+
+    reader = LagReader(kafka_client_config(settings), settings.group_id, decoder=pipeline.decoder)
+    monitor = LagMonitor(reader, assigned, metrics.lag_messages, metrics.lag_seconds).start()
+    return server, monitor
+
+
 def run(settings: Settings) -> None:
     pipeline = build_pipeline(settings)
     if settings.stall_exit_s:
         start_watchdog(pipeline, settings.stall_exit_s)
     if settings.metrics_port:
-        from consumer.ops.http import serve_operations
-
         serve_operations(settings, pipeline)  # /metrics, /healthz, /readyz; lag of its partitions
     log.info("consuming %s as group %s", ", ".join(pipeline.mapping.topics), settings.group_id)
     # The collector, left as it is, took 1.6 of the 9 CPU-s the consumer spent on 2M messages

@@ -45,8 +45,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
-from prometheus_client import Counter
-
+from consumer.ops.metrics import server_fallbacks  # noqa: F401  (imported from here by the pipeline)
 from consumer.transform.mapping import TableMapping
 
 log = logging.getLogger(__name__)
@@ -436,12 +435,6 @@ def _sql_string_bytes(b: bytes) -> str:
 
 
 # -- at run time ------------------------------------------------------------------------------
-
-server_fallbacks = Counter(
-    "cdc_server_decode_fallbacks_total",
-    "Batches ClickHouse refused to decode, applied through the Python path instead",
-    ["table"],
-)
 
 
 def for_sink(sink: Any, decoder: Any) -> ServerDecoder | None:
