@@ -84,10 +84,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _topics(args: argparse.Namespace) -> int:
     from confluent_kafka import Consumer, TopicPartition
 
-    from consumer.settings import require
+    from consumer.kafka.client_config import kafka_client_config
+    from consumer.settings import load_settings
 
-    bootstrap = require("kafka_bootstrap")
-    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": "cdc-consumer-topics-probe"})
+    probe = Consumer(kafka_client_config(load_settings()).client({"group.id": "cdc-consumer-topics-probe"}))
     try:
         metadata = probe.list_topics(timeout=10)
         table = Table("topic", "partitions", "messages")
@@ -112,23 +112,21 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    from consumer.app.clients import clickhouse_client
     from consumer.settings import load_settings
-    from consumer.sink.clickhouse import connect
     from consumer.sink.migrate import apply_migrations
 
-    settings = load_settings()
-    applied = apply_migrations(connect(settings.clickhouse_url, settings.clickhouse_embedded_path))
+    applied = apply_migrations(clickhouse_client(load_settings()))
     console.print(f"applied: {', '.join(applied) or 'nothing (up to date)'}")
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
     from cdc_dev.verify import compare
+    from consumer.app.clients import clickhouse_client
     from consumer.settings import load_settings, require
-    from consumer.sink.clickhouse import connect
 
-    settings = load_settings()
-    report = compare(require("postgres_dsn"), connect(settings.clickhouse_url, settings.clickhouse_embedded_path))
+    report = compare(require("postgres_dsn"), clickhouse_client(load_settings()))
     console.print(str(report))
     return 0 if report.ok else 1
 
@@ -212,20 +210,23 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _lag(args: argparse.Namespace) -> int:
+    from consumer.app.clients import schema_registry
     from consumer.decode.envelope import EnvelopeDecoder
-    from consumer.decode.registry import SchemaRegistry
-    from consumer.kafka.lag import LagReader, serve_exporter
-    from consumer.settings import load_settings, require
+    from consumer.kafka.client_config import kafka_client_config
+    from consumer.kafka.lag import LagReader
+    from consumer.ops.lag_exporter import serve_exporter
+    from consumer.settings import load_settings
     from consumer.transform.mapping import load_mapping
 
     settings = load_settings()
+    kafka = kafka_client_config(settings)
     group = args.group or settings.group_id
     topics = load_mapping(settings.mapping_file, settings.topic_prefix).topics
-    registry = SchemaRegistry(settings.schema_registry_url) if settings.schema_registry_url else None
+    decoder = EnvelopeDecoder(schema_registry(settings))
     if args.serve is not None:
-        serve_exporter(require("kafka_bootstrap"), group, topics, args.serve, EnvelopeDecoder(registry), args.interval)
+        serve_exporter(kafka, group, topics, args.serve, decoder, args.interval, settings.metrics_bind_address)
         return 0
-    reader = LagReader(require("kafka_bootstrap"), group, decoder=EnvelopeDecoder(registry))
+    reader = LagReader(kafka, group, decoder=decoder)
     try:
         lags = reader.read(reader.partitions(topics))
         members = len(reader.members())

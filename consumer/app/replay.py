@@ -38,6 +38,7 @@ from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaExcepti
 from confluent_kafka.admin import OffsetSpec
 
 from consumer.engine.bounds import ReplayBounds
+from consumer.kafka.client_config import kafka_client_config
 from consumer.kafka.lag import LagReader
 from consumer.kafka.source import Partition
 from consumer.settings import ConfigError, Settings
@@ -145,8 +146,7 @@ def plan_replay(
 
     if sum(x is not None and x is not False for x in (from_offset, from_timestamp, from_beginning or None)) != 1:
         raise ConfigError("say where to start: exactly one of --from-offset, --from-timestamp, --from-beginning")
-    if not settings.kafka_bootstrap:
-        raise ConfigError('CDC_KAFKA_BOOTSTRAP is not set (for the native stack: eval "$(cdc-consumer stack env)")')
+    kafka = kafka_client_config(settings)
     mapping = load_mapping(settings.mapping_file, settings.topic_prefix)
     selected = topics or mapping.topics
     unknown = [t for t in selected if t not in mapping.topics]
@@ -154,7 +154,7 @@ def plan_replay(
         raise ConfigError(f"not a mapped topic: {', '.join(unknown)} (mapped: {', '.join(mapping.topics)})")
     now = time.time() if now is None else now
     live_group = settings.group_id
-    reader = LagReader(settings.kafka_bootstrap, live_group)
+    reader = LagReader(kafka, live_group)
     try:
         partitions = reader.partitions(selected)
         if not partitions:
@@ -247,7 +247,7 @@ def _starts(settings, partitions, low, high, from_offset, from_timestamp, from_b
 
 def _offsets_for_times(settings: Settings, partitions: list[Partition], ms: int) -> dict[Partition, int]:
     """The first offset whose record time is at or after `ms`, per partition (-1: none)."""
-    probe = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"{settings.group_id}-replay-probe"})
+    probe = Consumer(kafka_client_config(settings).client({"group.id": f"{settings.group_id}-replay-probe"}))
     try:
         found = probe.offsets_for_times([TopicPartition(t, p, ms) for t, p in partitions], timeout=30)
         return {(tp.topic, tp.partition): tp.offset for tp in found}
@@ -287,7 +287,7 @@ class ReplayReport:
 def _set_group_offsets(settings: Settings, group: str, offsets: dict[Partition, int]) -> None:
     if not offsets:
         return
-    reader = LagReader(settings.kafka_bootstrap, group)
+    reader = LagReader(kafka_client_config(settings), group)
     request = ConsumerGroupTopicPartitions(group, [TopicPartition(t, p, o) for (t, p), o in sorted(offsets.items())])
     try:
         reader.admin.alter_consumer_group_offsets([request])[group].result(30)
@@ -296,7 +296,7 @@ def _set_group_offsets(settings: Settings, group: str, offsets: dict[Partition, 
 
 
 def _delete_group(settings: Settings, group: str) -> None:
-    reader = LagReader(settings.kafka_bootstrap, group)
+    reader = LagReader(kafka_client_config(settings), group)
     for _ in range(10):  # the coordinator needs a moment to see the member gone
         try:
             reader.admin.delete_consumer_groups([group], request_timeout=10)[group].result(15)

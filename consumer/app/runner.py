@@ -8,15 +8,20 @@ import os
 import threading
 import time
 
+from consumer.app.clients import clickhouse_client, schema_registry
 from consumer.decode.envelope import EnvelopeDecoder
-from consumer.decode.registry import SchemaRegistry
 from consumer.engine.batch import BatchPolicy
 from consumer.engine.bounds import Bounds
 from consumer.engine.dlq import DeadLetterQueue
 from consumer.engine.pipeline import Pipeline, PipelineConfig
+from consumer.kafka.client_config import kafka_client_config
+from consumer.kafka.lag import LagReader
 from consumer.kafka.source import KafkaSource, SourceConfig
+from consumer.ops import metrics
+from consumer.ops.http import OperationsServer, pipeline_probes
+from consumer.ops.lag_exporter import LagMonitor
 from consumer.settings import ConfigError, Settings
-from consumer.sink.clickhouse import ClickHouseSink, connect
+from consumer.sink.clickhouse import ClickHouseSink
 from consumer.sink.migrate import apply_migrations
 from consumer.transform.mapping import Mapper, load_mapping
 
@@ -25,19 +30,18 @@ log = logging.getLogger(__name__)
 
 def build_pipeline(settings: Settings, topics: list[str] | None = None, bounds: Bounds | None = None) -> Pipeline:
     """The service's pipeline; `topics` and `bounds` make the bounded one of `cdc-consumer replay`."""
-    if not settings.kafka_bootstrap:
-        raise ConfigError('CDC_KAFKA_BOOTSTRAP is not set (for the native stack: eval "$(cdc-consumer stack env)")')
+    kafka = kafka_client_config(settings)
     try:
         mapping = load_mapping(settings.mapping_file, settings.topic_prefix)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    client = connect(settings.clickhouse_url, settings.clickhouse_embedded_path, compress=settings.clickhouse_compress)
+    client = clickhouse_client(settings)
     applied = apply_migrations(client)
     if applied:
         log.info("applied ClickHouse migrations: %s", ", ".join(applied))
-    registry = SchemaRegistry(settings.schema_registry_url) if settings.schema_registry_url else None
+    registry = schema_registry(settings)
     source_config = SourceConfig(
-        bootstrap=settings.kafka_bootstrap,
+        kafka=kafka,
         group_id=settings.group_id,
         topics=topics or mapping.topics,
         session_timeout_ms=settings.session_timeout_ms,
@@ -49,7 +53,7 @@ def build_pipeline(settings: Settings, topics: list[str] | None = None, bounds: 
         decoder=EnvelopeDecoder(registry),
         mapper=Mapper(mapping, settings.truncate_action),
         sink=ClickHouseSink(client),
-        dlq=DeadLetterQueue(settings.kafka_bootstrap, settings.dlq_topic),
+        dlq=DeadLetterQueue(kafka, settings.dlq_topic),
         config=PipelineConfig(
             batch=BatchPolicy(
                 settings.batch_max_rows,
@@ -92,13 +96,30 @@ def start_watchdog(pipeline, stall_s: float, exit=os._exit, interval_s: float | 
     return thread
 
 
+def serve_operations(settings: Settings, pipeline: Pipeline) -> tuple[OperationsServer, LagMonitor]:
+    """The operations port and the lag gauges of the assigned partitions."""
+    metrics.initialize_series(pipeline.mapping)
+    live, ready = pipeline_probes(pipeline)
+    server = OperationsServer(settings.metrics_port, live=live, ready=ready, addr=settings.metrics_bind_address).start()
+
+    def assigned() -> list:
+        for _ in range(3):  # the pipeline's thread may change the dict while we copy it
+            try:
+                return list(pipeline.partitions)
+            except RuntimeError:
+                time.sleep(0.01)
+        return []
+
+    reader = LagReader(kafka_client_config(settings), settings.group_id, decoder=pipeline.decoder)
+    monitor = LagMonitor(reader, assigned, metrics.lag_messages, metrics.lag_seconds).start()
+    return server, monitor
+
+
 def run(settings: Settings) -> None:
     pipeline = build_pipeline(settings)
     if settings.stall_exit_s:
         start_watchdog(pipeline, settings.stall_exit_s)
     if settings.metrics_port:
-        from consumer.ops.http import serve_operations
-
         serve_operations(settings, pipeline)  # /metrics, /healthz, /readyz; lag of its partitions
     log.info("consuming %s as group %s", ", ".join(pipeline.mapping.topics), settings.group_id)
     # Start-up objects are frozen out of collection and young collections made rare: with the

@@ -12,19 +12,27 @@ Failure policy, which the pipeline relies on:
 * anything that says nothing about the message — connection refused, timeout, 5xx, 429, 401/403,
   a 404 that is not a registry answer (wrong base URL), a body that is not the registry's JSON —
   -> `RegistryUnavailable`: pause and retry, never dead-letter.
+
+Authentication: HTTP basic (`user`/`password`, or `user:password@` in the URL, which is moved out
+of it) or a bearer `token`; `ca_cert` verifies a registry whose certificate a private CA signed.
+The client's URL, and so every error message (they end up in logs and DLQ headers), carries no
+credentials.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import requests
 from fastavro import parse_schema
+from pydantic import SecretStr
 
 from consumer.core.errors import DecodeError, RegistryUnavailable
+from consumer.core.secrets import redact_url
 
 __all__ = ["SchemaRegistry", "parse_writer_schema"]
 
@@ -72,10 +80,34 @@ def _normalize(node: Any) -> Any:
 class SchemaRegistry:
     """`schema(id)` -> parsed fastavro schema, cached forever per id. Thread-safe."""
 
-    def __init__(self, url: str, timeout: float = 5.0, session: requests.Session | None = None) -> None:
-        self.url = url.rstrip("/")
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 5.0,
+        session: requests.Session | None = None,
+        *,
+        user: str | None = None,
+        password: SecretStr | str | None = None,
+        token: SecretStr | str | None = None,
+        ca_cert: Path | None = None,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.username is not None:
+            if user is not None or token is not None:
+                raise ValueError("schema registry credentials given both in the URL and apart from it")
+            user, password = unquote(parts.username), unquote(parts.password or "")
+            parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
+        if token is not None and user is not None:
+            raise ValueError("schema registry: a token or a user and password, not both")
+        self.url = urlunsplit(parts).rstrip("/")
         self.timeout = timeout
         self._session = session or requests.Session()
+        if user is not None:
+            self._session.auth = (user, _reveal(password) or "")
+        if token is not None:
+            self._session.headers["Authorization"] = f"Bearer {_reveal(token)}"
+        if ca_cert is not None:
+            self._session.verify = str(ca_cert)
         self._cache: dict[int, dict[str, Any] | _Permanent] = {}
         self._lock = threading.Lock()
 
@@ -142,9 +174,11 @@ class SchemaRegistry:
                 headers={"Accept": "application/vnd.schemaregistry.v1+json, application/json"},
             )
         except requests.Timeout as e:
-            raise RegistryUnavailable(f"schema registry timed out after {self.timeout}s: GET {url}: {e}") from e
+            raise RegistryUnavailable(
+                redact_url(f"schema registry timed out after {self.timeout}s: GET {url}: {e}")
+            ) from e
         except requests.RequestException as e:
-            raise RegistryUnavailable(f"schema registry unreachable: GET {url}: {e}") from e
+            raise RegistryUnavailable(redact_url(f"schema registry unreachable: GET {url}: {e}")) from e
         status = response.status_code
         try:
             body = response.json()
@@ -154,18 +188,23 @@ class SchemaRegistry:
             if isinstance(body, dict) and ("error_code" in body or "not found" in str(body).lower()):
                 raise DecodeError(
                     "unknown_schema_id",
-                    f"{what} not found in the registry at {self.url} "
-                    f"(error_code {body.get('error_code')}: {body.get('message')})",
+                    redact_url(
+                        f"{what} not found in the registry at {self.url} "
+                        f"(error_code {body.get('error_code')}: {body.get('message')})"
+                    ),
                 )
             # A 404 that is not the registry's own answer: most likely a wrong base URL
             # (e.g. missing /apis/ccompat/v7). Not the message's fault.
             raise RegistryUnavailable(
-                f"GET {url} -> 404 without a registry error body ({_short(response.text)}); is the registry URL right?"
+                redact_url(
+                    f"GET {url} -> 404 without a registry error body ({_short(response.text)}); "
+                    "is the registry URL right?"
+                )
             )
         if status != 200:
-            raise RegistryUnavailable(f"GET {url} -> HTTP {status}: {_short(response.text)}")
+            raise RegistryUnavailable(redact_url(f"GET {url} -> HTTP {status}: {_short(response.text)}"))
         if not isinstance(body, dict):
-            raise RegistryUnavailable(f"GET {url} -> 200 but not a JSON object: {_short(response.text)}")
+            raise RegistryUnavailable(redact_url(f"GET {url} -> 200 but not a JSON object: {_short(response.text)}"))
         return body
 
 
@@ -176,6 +215,10 @@ class _Permanent(Exception):
         super().__init__(reason)
         self.error_class = error_class
         self.reason = reason
+
+
+def _reveal(value: SecretStr | str | None) -> str | None:
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
 
 
 def _short(value: Any, limit: int = 200) -> str:

@@ -24,9 +24,10 @@ from consumer.engine.batch import PartitionBatch
 from consumer.engine.lanes import Applied, Assignment, Failed, FlushOutcome, Rejected
 from consumer.engine.partition import PartitionState
 from consumer.kafka.source import Partition
+from consumer.ops.metrics import server_fallbacks
 from consumer.sink.clickhouse import ClickHouseSink
 from consumer.sink.server_plan import Rejected as ClickHouseRefused
-from consumer.sink.server_plan import ServerDecoder, server_fallbacks
+from consumer.sink.server_plan import ServerDecoder
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,8 @@
 """Dead-letter queue: a message that can never be applied goes here with the reason, and the
-pipeline goes on. The original key and value are kept byte for byte, so nothing is lost."""
+pipeline goes on. The original key and value are kept byte for byte, so nothing is lost.
+
+The reason goes into a header that whoever reads the topic sees: a URL with credentials in it
+(a registry error names the registry's URL) is redacted first."""
 
 from __future__ import annotations
 
@@ -9,26 +12,31 @@ import time
 from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from consumer.core.secrets import redact_url
+from consumer.kafka.client_config import KafkaClientConfig
+
 log = logging.getLogger(__name__)
 
 
 class DeadLetterQueue:
-    def __init__(self, bootstrap: str, topic: str, partitions: int = 1):
+    def __init__(self, kafka: KafkaClientConfig | str, topic: str, partitions: int = 1):
         self.topic = topic
-        self._ensure_topic(bootstrap, partitions)
+        kafka = KafkaClientConfig.of(kafka)
+        self._ensure_topic(kafka, partitions)
         self.producer = Producer(
-            {
-                "bootstrap.servers": bootstrap,
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 5,
-                "message.max.bytes": 10 * 2**20,
-            }
+            kafka.client(
+                {
+                    "enable.idempotence": True,
+                    "acks": "all",
+                    "linger.ms": 5,
+                    "message.max.bytes": 10 * 2**20,
+                }
+            )
         )
         self._failures: list[str] = []
 
-    def _ensure_topic(self, bootstrap: str, partitions: int) -> None:
-        admin = AdminClient({"bootstrap.servers": bootstrap})
+    def _ensure_topic(self, kafka: KafkaClientConfig, partitions: int) -> None:
+        admin = AdminClient(kafka.client())
         if self.topic in admin.list_topics(timeout=30).topics:
             return
         futures = admin.create_topics([NewTopic(self.topic, num_partitions=partitions, replication_factor=1)])
@@ -49,6 +57,7 @@ class DeadLetterQueue:
         error_class: str,
         reason: str,
     ) -> None:
+        reason = redact_url(reason)
         headers = [
             ("cdc.source.topic", source_topic.encode()),
             ("cdc.source.partition", str(partition).encode()),

@@ -17,22 +17,20 @@ Everything comes from the brokers, so the numbers are right whether or not a con
 partitions without traffic (caught up: 0 and 0) and right after a rebalance (the committed
 offsets are the group's, whoever owns the partition now). Used by `cdc-consumer lag`, by the
 lag exporter (`cdc-consumer lag --serve PORT`, for alerting while the consumer is down) and by
-the consumer itself (:class:`LagMonitor`, for its own partitions).
+the consumer itself (both in :mod:`consumer.ops.lag_exporter`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from confluent_kafka import OFFSET_INVALID, Consumer, ConsumerGroupTopicPartitions, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
-from prometheus_client import Gauge
 
+from consumer.kafka.client_config import KafkaClientConfig
 from consumer.kafka.source import Partition
 
 log = logging.getLogger(__name__)
@@ -56,12 +54,12 @@ class PartitionLag:
 class LagReader:
     """Reads lag for one consumer group. Not thread-safe: one reader per thread."""
 
-    def __init__(self, bootstrap: str, group_id: str, decoder=None, timeout: float = 10.0):
-        self.bootstrap = bootstrap
+    def __init__(self, kafka: KafkaClientConfig | str, group_id: str, decoder=None, timeout: float = 10.0):
+        self.kafka = KafkaClientConfig.of(kafka)
         self.group_id = group_id
         self.decoder = decoder
         self.timeout = timeout
-        self.admin = AdminClient({"bootstrap.servers": bootstrap})
+        self.admin = AdminClient(self.kafka.client())
         self._probe: Consumer | None = None
         self._change_ms: dict[tuple[Partition, int], int | None] = {}
 
@@ -148,14 +146,15 @@ class LagReader:
             return []
         if self._probe is None:
             self._probe = Consumer(
-                {
-                    "bootstrap.servers": self.bootstrap,
-                    "group.id": f"{self.group_id}-lag-probe",  # never joined, never committed
-                    "enable.auto.commit": False,
-                    "isolation.level": "read_committed",
-                    "enable.partition.eof": True,
-                    "fetch.wait.max.ms": 50,
-                }
+                self.kafka.client(
+                    {
+                        "group.id": f"{self.group_id}-lag-probe",  # never joined, never committed
+                        "enable.auto.commit": False,
+                        "isolation.level": "read_committed",
+                        "enable.partition.eof": True,
+                        "fetch.wait.max.ms": 50,
+                    }
+                )
             )
         self._probe.assign([TopicPartition(*partition, start)])
         records = []
@@ -181,115 +180,3 @@ class LagReader:
         finally:
             self._probe.unassign()
         return records
-
-
-# -- Prometheus ---------------------------------------------------------------------------------
-class LagMonitor:
-    """Keeps the lag gauges of a set of partitions current, in a background thread.
-
-    `partitions()` says which partitions to report, asked anew at every round: the consumer
-    reports the partitions assigned to it (series of partitions it lost are removed, the new
-    owner reports them, from the group's committed offsets, on its next round), the exporter
-    every partition of the group's topics."""
-
-    def __init__(
-        self,
-        reader: LagReader,
-        partitions: Callable[[], list[Partition]],
-        lag_messages: Gauge,
-        lag_seconds: Gauge,
-        interval: float = 5.0,
-        extra: Callable[[list[PartitionLag]], None] | None = None,
-    ):
-        self.reader = reader
-        self.partitions = partitions
-        self.lag_messages = lag_messages
-        self.lag_seconds = lag_seconds
-        self.interval = interval
-        self.extra = extra
-        self._reported: set[Partition] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="lag-monitor", daemon=True)
-
-    def start(self) -> LagMonitor:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(self.interval + self.reader.timeout + 5)
-        self.reader.close()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.update()
-            except Exception as exc:
-                log.warning("lag monitor: %s", exc)
-            self._stop.wait(self.interval)
-
-    def update(self) -> list[PartitionLag]:
-        partitions = sorted(set(self.partitions()))
-        lags = self.reader.read(partitions) if partitions else []
-        for item in lags:
-            labels = (item.topic, str(item.partition))
-            self.lag_messages.labels(*labels).set(item.lag)
-            self.lag_seconds.labels(*labels).set(item.lag_seconds)
-        for topic, partition in self._reported - set(partitions):
-            for gauge in (self.lag_messages, self.lag_seconds):
-                with contextlib.suppress(KeyError):
-                    gauge.remove(topic, str(partition))
-        self._reported = set(partitions)
-        if self.extra is not None:
-            self.extra(lags)
-        return lags
-
-
-def serve_exporter(bootstrap: str, group_id: str, topics: list[str], port: int, decoder=None, interval: float = 5.0):
-    """`cdc-consumer lag --serve PORT`: the lag of every partition of the group, for Prometheus,
-    from Kafka alone. Runs beside the consumer (a sidecar, or a service of its own) so lag and its
-    alerts stay visible while the consumer is down — which is when they matter most."""
-    import signal
-
-    from prometheus_client import CollectorRegistry
-
-    from consumer.ops.http import OperationsServer
-
-    registry = CollectorRegistry()
-    labels = ["topic", "partition"]
-    lag_messages = Gauge(
-        "cdc_consumer_lag_messages", "High watermark minus committed offset", labels, registry=registry
-    )
-    lag_seconds = Gauge(
-        "cdc_consumer_lag_seconds",
-        "Now minus the Postgres commit time of the oldest change not yet committed (0 when caught up)",
-        labels,
-        registry=registry,
-    )
-    committed = Gauge("cdc_consumer_committed_offset", "The group's committed offset", labels, registry=registry)
-    high = Gauge("cdc_partition_high_watermark", "The partition's high watermark", labels, registry=registry)
-    members = Gauge("cdc_consumer_group_members", "Active members of the consumer group", registry=registry)
-    updated = Gauge(
-        "cdc_lag_exporter_last_update_timestamp_seconds", "Unix time of the last refresh", registry=registry
-    )
-
-    reader = LagReader(bootstrap, group_id, decoder=decoder)
-
-    def extra(lags: list[PartitionLag]) -> None:
-        for item in lags:
-            if item.committed is not None:
-                committed.labels(item.topic, str(item.partition)).set(item.committed)
-            high.labels(item.topic, str(item.partition)).set(item.high_watermark)
-        members.set(len(reader.members()))
-        updated.set_to_current_time()
-
-    monitor = LagMonitor(reader, lambda: reader.partitions(topics), lag_messages, lag_seconds, interval, extra)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    server = OperationsServer(port, registry=registry).start()
-    monitor.start()
-    log.info("lag exporter for group %s on port %d", group_id, server.port)
-    stop.wait()
-    monitor.stop()
-    server.stop()

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from consumer.kafka.client_config import KafkaClientConfig
+
 log = logging.getLogger(__name__)
 
 Partition = tuple[str, int]
@@ -38,7 +40,7 @@ TRANSIENT_COMMIT_ERRORS = {
 
 @dataclass(frozen=True)
 class SourceConfig:
-    bootstrap: str
+    kafka: KafkaClientConfig | str  # the shared client properties, or a bare bootstrap (plaintext)
     group_id: str
     topics: list[str]
     client_id: str = "cdc-consumer"
@@ -46,7 +48,6 @@ class SourceConfig:
     group_instance_id: str | None = None  # static membership
     max_poll_interval_ms: int = 300_000
     auto_offset_reset: str = "earliest"
-    extra: tuple[tuple[str, str], ...] = ()
 
 
 class KafkaSource:
@@ -62,22 +63,22 @@ class KafkaSource:
         self._on_revoke = on_revoke
         self._on_lost = on_lost
         self.consumer = Consumer(
-            {
-                "bootstrap.servers": config.bootstrap,
-                "group.id": config.group_id,
-                "client.id": config.client_id,
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": config.auto_offset_reset,
-                # Debezium with exactly-once source support writes in transactions: read only committed ones.
-                "isolation.level": "read_committed",
-                "partition.assignment.strategy": "cooperative-sticky",
-                "session.timeout.ms": config.session_timeout_ms,
-                "max.poll.interval.ms": config.max_poll_interval_ms,
-                "enable.partition.eof": False,
-                **({"group.instance.id": config.group_instance_id} if config.group_instance_id else {}),
-                **dict(config.extra),
-            }
+            KafkaClientConfig.of(config.kafka).client(
+                {
+                    "group.id": config.group_id,
+                    "client.id": config.client_id,
+                    "enable.auto.commit": False,
+                    "enable.auto.offset.store": False,
+                    "auto.offset.reset": config.auto_offset_reset,
+                    # Debezium with exactly-once source support writes in transactions: read only committed ones.
+                    "isolation.level": "read_committed",
+                    "partition.assignment.strategy": "cooperative-sticky",
+                    "session.timeout.ms": config.session_timeout_ms,
+                    "max.poll.interval.ms": config.max_poll_interval_ms,
+                    "enable.partition.eof": False,
+                    **({"group.instance.id": config.group_instance_id} if config.group_instance_id else {}),
+                }
+            )
         )
 
     def start(self) -> None:

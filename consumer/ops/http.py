@@ -8,13 +8,18 @@ healthchecks).
 * **/readyz** — 200 when the consumer applies what it reads; 503 while partitions are paused on
   ClickHouse (or registry) errors, i.e. while it retries with backoff and commits nothing.
 
-The same process keeps the lag gauges of its partitions current (:class:`consumer.kafka.lag.LagMonitor`).
+The port listens on loopback unless told otherwise (`CDC_METRICS_BIND_ADDRESS`), and it is built
+to survive whoever can reach it: a connection has `request_timeout_s` in all to deliver its
+request (a client trickling a byte at a time cannot hold a handler), and at most `max_handlers`
+connections are served at once; more wait for a free handler for as long, then are closed.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +32,52 @@ log = logging.getLogger(__name__)
 
 Probe = Callable[[], tuple[bool, dict]]
 
+DEFAULT_BIND_ADDRESS = "127.0.0.1"
+
+
+class _DeadlineSocketIO(socket.SocketIO):
+    """Reads of a request socket that all end by one deadline: a per-read timeout alone would let
+    a client sending a byte every few seconds keep a handler for as long as it likes."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        super().__init__(sock, "rb")
+        self._deadline_sock = sock
+        self._deadline = deadline
+
+    def readinto(self, buffer) -> int:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("request not received in time")
+        self._deadline_sock.settimeout(remaining)
+        return super().readinto(buffer)
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type, max_handlers: int, wait_s: float):
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_handlers)
+        self._wait_s = wait_s
+
+    def process_request(self, request, client_address) -> None:
+        # Accepting waits here for a free handler; meanwhile new connections queue in the
+        # listen backlog, never as threads.
+        if not self._slots.acquire(timeout=self._wait_s):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
 
 class OperationsServer:
     def __init__(
@@ -36,13 +87,26 @@ class OperationsServer:
         registry: CollectorRegistry = REGISTRY,
         live: Probe | None = None,
         ready: Probe | None = None,
-        addr: str = "0.0.0.0",
+        addr: str = DEFAULT_BIND_ADDRESS,
+        request_timeout_s: float = 5.0,
+        max_handlers: int = 8,
     ):
+        if request_timeout_s <= 0 or max_handlers < 1:
+            raise ValueError("request_timeout_s must be > 0 and max_handlers >= 1")
         always: Probe = lambda: (True, {})  # noqa: E731
         probes = {"/healthz": live or always, "/readyz": ready or always}
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = request_timeout_s  # also bounds sending the answer to a client that does not read
+
+            def setup(self) -> None:
+                super().setup()
+                self.rfile.close()  # the socket closes only once every file made from it is closed
+                deadline = time.monotonic() + request_timeout_s
+                self.rfile = io.BufferedReader(_DeadlineSocketIO(self.connection, deadline))
+
             def do_GET(self) -> None:
+                self.connection.settimeout(request_timeout_s)
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     encoder, content_type = choose_encoder(self.headers.get("Accept"))
@@ -66,14 +130,14 @@ class OperationsServer:
             def log_message(self, *_args) -> None:  # scraped every few seconds: not worth a log line
                 pass
 
-        self.httpd = ThreadingHTTPServer((addr, port), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _BoundedHTTPServer((addr, port), Handler, max_handlers, wait_s=request_timeout_s)
+        self.address = addr
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="ops-http", daemon=True)
 
     def start(self) -> OperationsServer:
         self._thread.start()
-        log.info("serving /metrics, /healthz, /readyz on port %d", self.port)
+        log.info("serving /metrics, /healthz, /readyz on %s port %d", self.address, self.port)
         return self
 
     def stop(self) -> None:
@@ -91,39 +155,3 @@ def pipeline_probes(pipeline, live_timeout_s: float = 300.0) -> tuple[Probe, Pro
         return pipeline.ready, {"assigned_partitions": len(pipeline.partitions), "paused_partitions": paused}
 
     return live, ready
-
-
-def initialize_series(mapping) -> None:
-    """Label values known in advance get their series at 0 from the start (Prometheus practice):
-    `rate()` and alerts then see 0, not "no data", before the first retry or rebalance."""
-    from consumer.ops import metrics
-
-    for table in mapping.tables:
-        for family in (metrics.rows_inserted, metrics.batch_rows, metrics.insert_seconds, metrics.insert_retries):
-            family.labels(table.table)
-        metrics.end_to_end_seconds.labels(table.table)
-        metrics.messages_skipped.labels(table.topic)
-    for kind in ("assign", "revoke", "lost"):
-        metrics.rebalances.labels(kind)
-
-
-def serve_operations(settings, pipeline) -> tuple[OperationsServer, object]:
-    """For `cdc-consumer run`: the operations port and the lag gauges of the assigned partitions."""
-    from consumer.kafka.lag import LagMonitor, LagReader
-    from consumer.ops import metrics
-
-    initialize_series(pipeline.mapping)
-    live, ready = pipeline_probes(pipeline)
-    server = OperationsServer(settings.metrics_port, live=live, ready=ready).start()
-
-    def assigned() -> list:
-        for _ in range(3):  # the pipeline's thread may change the dict while we copy it
-            try:
-                return list(pipeline.partitions)
-            except RuntimeError:
-                time.sleep(0.01)
-        return []
-
-    reader = LagReader(settings.kafka_bootstrap, settings.group_id, decoder=pipeline.decoder)
-    monitor = LagMonitor(reader, assigned, metrics.lag_messages, metrics.lag_seconds).start()
-    return server, monitor

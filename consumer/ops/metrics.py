@@ -1,8 +1,13 @@
-"""Prometheus metrics of the consumer, named by Prometheus conventions (`cdc_` prefix, base units)."""
+"""Prometheus metrics of the consumer, named by Prometheus conventions (`cdc_` prefix, base units).
+
+Every metric family of the project is defined here: the consumer's, in the default registry, and
+the lag exporter's, in a registry of its own (:func:`exporter_metrics`)."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from dataclasses import dataclass
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 
@@ -35,9 +40,72 @@ latest_rows_bytes = Gauge(
     "cdc_latest_rows_bytes", "Bytes of the dimension rows kept for unchanged (TOASTed) columns, all partitions"
 )
 last_insert_timestamp = Gauge("cdc_last_successful_insert_timestamp_seconds", "Unix time of the last insert")
-lag_messages = Gauge("cdc_consumer_lag_messages", "High watermark minus committed offset", ["topic", "partition"])
-lag_seconds = Gauge(
-    "cdc_consumer_lag_seconds",
-    "Now minus the Postgres commit time of the oldest change not yet committed (0 when caught up)",
-    ["topic", "partition"],
+server_fallbacks = Counter(
+    "cdc_server_decode_fallbacks_total",
+    "Batches ClickHouse refused to decode, applied through the Python path instead",
+    ["table"],
 )
+
+PARTITION_LABELS = ["topic", "partition"]
+
+
+def lag_families(registry: CollectorRegistry = REGISTRY) -> tuple[Gauge, Gauge]:
+    """The lag gauges (messages, seconds): the consumer reports its own partitions' in the default
+    registry, the lag exporter every partition's in its own; both under the same names."""
+    messages = Gauge(
+        "cdc_consumer_lag_messages", "High watermark minus committed offset", PARTITION_LABELS, registry=registry
+    )
+    seconds = Gauge(
+        "cdc_consumer_lag_seconds",
+        "Now minus the Postgres commit time of the oldest change not yet committed (0 when caught up)",
+        PARTITION_LABELS,
+        registry=registry,
+    )
+    return messages, seconds
+
+
+lag_messages, lag_seconds = lag_families()
+
+
+@dataclass(frozen=True)
+class ExporterMetrics:
+    """The families of `cdc-consumer lag --serve`."""
+
+    registry: CollectorRegistry
+    lag_messages: Gauge
+    lag_seconds: Gauge
+    committed_offset: Gauge
+    high_watermark: Gauge
+    group_members: Gauge
+    last_update: Gauge
+
+
+def exporter_metrics() -> ExporterMetrics:
+    registry = CollectorRegistry()
+    messages, seconds = lag_families(registry)
+    return ExporterMetrics(
+        registry=registry,
+        lag_messages=messages,
+        lag_seconds=seconds,
+        committed_offset=Gauge(
+            "cdc_consumer_committed_offset", "The group's committed offset", PARTITION_LABELS, registry=registry
+        ),
+        high_watermark=Gauge(
+            "cdc_partition_high_watermark", "The partition's high watermark", PARTITION_LABELS, registry=registry
+        ),
+        group_members=Gauge("cdc_consumer_group_members", "Active members of the consumer group", registry=registry),
+        last_update=Gauge(
+            "cdc_lag_exporter_last_update_timestamp_seconds", "Unix time of the last refresh", registry=registry
+        ),
+    )
+
+
+def initialize_series(mapping) -> None:
+    """Label values known in advance get their series at 0 from the start (Prometheus practice):
+    `rate()` and alerts then see 0, not "no data", before the first retry or rebalance."""
+    for table in mapping.tables:
+        for family in (rows_inserted, batch_rows, insert_seconds, insert_retries, end_to_end_seconds):
+            family.labels(table.table)
+        messages_skipped.labels(table.topic)
+    for kind in ("assign", "revoke", "lost"):
+        rebalances.labels(kind)

@@ -17,7 +17,9 @@ from urllib.parse import unquote, urlparse
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
+from pydantic import SecretStr
 
+from consumer.core.secrets import redact_url
 from consumer.sink.migrate import applied_offsets
 from consumer.transform.mapping import KEEP_PREVIOUS, TableMapping
 
@@ -52,13 +54,28 @@ def _lists_only() -> None:
 
 
 def connect(
-    url: str | None, embedded_path: Path | None = None, database: str | None = None, compress: bool = False
+    url: str | None,
+    embedded_path: Path | None = None,
+    database: str | None = None,
+    compress: bool = False,
+    *,
+    user: str | None = None,
+    password: SecretStr | str | None = None,
+    ca_cert: Path | None = None,
+    client_cert: Path | None = None,
+    client_key: Path | None = None,
+    verify: bool = True,
 ) -> Client:
-    """A client for `CDC_CLICKHOUSE_URL` (http[s]://user:password@host:port/database), or, with no
-    URL, an embedded ClickHouse (chDB) keeping its data in `embedded_path`. `compress`: LZ4 on
+    """A client for `CDC_CLICKHOUSE_URL` (http[s]://[user:password@]host:port/database), or, with
+    no URL, an embedded ClickHouse (chDB) keeping its data in `embedded_path`. `compress`: LZ4 on
     inserts and results, for a ClickHouse across a slow network; it costs CPU on both ends (8 % of
     the consumer's insert path and about as much of ClickHouse's in the benchmark), and TOASTed
-    values are often incompressible anyway."""
+    values are often incompressible anyway.
+
+    `user` and `password` stand in for the URL's; over https the server's certificate is verified
+    (against `ca_cert` when given) unless `verify` is off, and `client_cert`/`client_key`
+    authenticate the consumer to a server that asks for a certificate. Errors name the URL with
+    its password redacted."""
     _lists_only()
     if not url:
         path = embedded_path or Path(".cdc-clickhouse")
@@ -66,23 +83,36 @@ def connect(
         return clickhouse_connect.get_client(interface="chdb", path=str(path), database=database)
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https"):
-        raise ValueError(f"CDC_CLICKHOUSE_URL must be http(s)://host:port[/database], not {url!r}")
+        raise ValueError(redact_url(f"CDC_CLICKHOUSE_URL must be http(s)://host:port[/database], not {url!r}"))
+    if isinstance(password, SecretStr):
+        password = password.get_secret_value()
     options = {
         "host": parsed.hostname,
         "port": parsed.port or (8443 if parsed.scheme == "https" else 8123),
-        "username": unquote(parsed.username or "default"),
-        "password": unquote(parsed.password or ""),
+        "username": user or unquote(parsed.username or "default"),
+        "password": password if password is not None else unquote(parsed.password or ""),
         "secure": parsed.scheme == "https",
         "connect_timeout": 10,
         "send_receive_timeout": 120,
         "autogenerate_session_id": False,
         "compress": compress,
     }
+    if parsed.scheme == "https":
+        options["verify"] = verify
+        options.update(
+            (name, str(path))
+            for name, path in (("ca_cert", ca_cert), ("client_cert", client_cert), ("client_cert_key", client_key))
+            if path is not None
+        )
     database = database or parsed.path.strip("/") or None
-    if database:
-        # The consumer owns its database: create it on first start, like its tables.
-        clickhouse_connect.get_client(**options).command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
-    return clickhouse_connect.get_client(**options, database=database)
+    try:
+        if database:
+            # The consumer owns its database: create it on first start, like its tables.
+            clickhouse_connect.get_client(**options).command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+        return clickhouse_connect.get_client(**options, database=database)
+    except Exception as exc:
+        # Re-raised without the original: its text and its chain may hold the URL as given.
+        raise ConnectionError(redact_url(f"cannot connect to ClickHouse at {url}: {exc}")) from None
 
 
 class AppliedOffsets:

@@ -46,8 +46,6 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
-from prometheus_client import Counter
-
 from consumer.decode.avro_schema import fields_by_name, image_records, is_optional, named_types, resolve, strip
 from consumer.sink.clickhouse import INSERT_SETTINGS
 from consumer.transform.clickhouse_types import (
@@ -440,12 +438,6 @@ def _sql_string_bytes(b: bytes) -> str:
 
 
 # -- at run time ------------------------------------------------------------------------------
-
-server_fallbacks = Counter(
-    "cdc_server_decode_fallbacks_total",
-    "Batches ClickHouse refused to decode, applied through the Python path instead",
-    ["table"],
-)
 
 
 def for_sink(sink: Any, decoder: Any) -> ServerDecoder | None:

@@ -91,7 +91,8 @@ def test_operations_port_serves_metrics_and_probes() -> None:
 def test_lag_monitor_reports_assigned_partitions_and_drops_the_ones_it_lost() -> None:
     from prometheus_client import CollectorRegistry, Gauge
 
-    from consumer.kafka.lag import LagMonitor, PartitionLag
+    from consumer.kafka.lag import PartitionLag
+    from consumer.ops.lag_exporter import LagMonitor
 
     registry = CollectorRegistry()
     messages = Gauge("lag_messages", "", ["topic", "partition"], registry=registry)
