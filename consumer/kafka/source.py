@@ -48,6 +48,11 @@ class SourceConfig:
     group_instance_id: str | None = None  # static membership
     max_poll_interval_ms: int = 300_000
     auto_offset_reset: str = "earliest"
+    # How soon a topic created after the start, or partitions added to a topic, join the
+    # assignment: librdkafka notices them only when it rereads the topic metadata, every 5 min by
+    # default (a consumer started before Debezium created the fact topics wrote no facts for that
+    # long). A metadata request per few seconds is nothing to the brokers.
+    metadata_refresh_ms: int = 5_000
 
 
 class KafkaSource:
@@ -76,6 +81,7 @@ class KafkaSource:
                     "session.timeout.ms": config.session_timeout_ms,
                     "max.poll.interval.ms": config.max_poll_interval_ms,
                     "enable.partition.eof": False,
+                    "topic.metadata.refresh.interval.ms": config.metadata_refresh_ms,
                     **({"group.instance.id": config.group_instance_id} if config.group_instance_id else {}),
                 }
             )
