@@ -34,6 +34,12 @@ def console():
     return Console()
 
 
+def _print_error(exc: Exception) -> None:
+    from rich.markup import escape
+
+    console().print(f"[red]error:[/red] {escape(str(exc))}")
+
+
 def _table(*columns: str, **options):
     from rich.table import Table
 
@@ -60,7 +66,7 @@ def _stack(args: argparse.Namespace) -> int:
     try:
         return _stack_action(args, manager, layouts.StackLayout.from_env())
     except manager.StackError as exc:
-        console().print(f"[red]error:[/red] {exc}")
+        _print_error(exc)
         return 2
 
 
@@ -390,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         from consumer.settings import ConfigError
 
         if isinstance(exc, ConfigError | DevToolingMissing):
-            console().print(f"[red]error:[/red] {exc}")
+            _print_error(exc)
             return 2
         raise
 

@@ -69,6 +69,7 @@ def test_a_dev_command_without_cdc_dev_fails_with_a_clear_message() -> None:
         assert result.returncode == 2, (command, result.stderr)
         message = " ".join(result.stdout.split())
         assert f"`cdc-consumer {command[0]}` is development tooling (cdc_dev" in message
+        assert "pip install -e '.[dev]'" in message
         assert "Traceback" not in result.stderr
 
 
