@@ -1,34 +1,85 @@
-"""`cdc-consumer` command line: one subcommand per job, each importing only what it needs."""
+"""`cdc-consumer` command line: one subcommand per job, each importing only what it needs.
+
+`run` (the service) imports neither the development tooling (cdc_dev: stack, generate, demo,
+verify) nor rich; those commands import it when they run, and only work from a checkout of the
+repository with the dev extras, which the wheel does not carry.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
 from dataclasses import asdict
+from functools import cache
 from pathlib import Path
+from types import ModuleType
 
-from rich.console import Console
-from rich.table import Table
+from consumer import __version__
 
-console = Console()
+# What the development tooling needs beyond the service's dependencies.
+_DEV_TOOLING_MODULES = ("cdc_dev", "psycopg")
+
+
+class DevToolingMissing(RuntimeError):
+    pass
+
+
+@cache
+def console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _print_error(exc: Exception) -> None:
+    from rich.markup import escape
+
+    console().print(f"[red]error:[/red] {escape(str(exc))}")
+
+
+def _table(*columns: str, **options):
+    from rich.table import Table
+
+    return Table(*columns, **options)
+
+
+def _dev_tooling(module: str, command: str) -> ModuleType:
+    """Import a development-tooling module, or say plainly why `command` cannot run here."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in _DEV_TOOLING_MODULES:
+            raise
+        raise DevToolingMissing(
+            f"`cdc-consumer {command}` is development tooling ({exc.name} is not installed): run it from a "
+            "checkout of the repository after `make bootstrap` (or `pip install -e '.[dev]'`); "
+            "the installed service provides run, migrate, topics, replay and lag"
+        ) from None
 
 
 def _stack(args: argparse.Namespace) -> int:
-    from cdc_dev.stack import manager
-    from cdc_dev.stack.layout import StackLayout
+    manager = _dev_tooling("cdc_dev.stack.manager", "stack")
+    layouts = _dev_tooling("cdc_dev.stack.layout", "stack")
+    try:
+        return _stack_action(args, manager, layouts.StackLayout.from_env())
+    except manager.StackError as exc:
+        _print_error(exc)
+        return 2
 
-    layout = StackLayout.from_env()
+
+def _stack_action(args: argparse.Namespace, manager: ModuleType, layout) -> int:
     if args.action == "up":
         timings = manager.up(layout, connector=None if args.no_connector else args.connector)
-        console.print(
+        console().print(
             f"stack up in {timings['total']:.1f}s (install {timings['install']:.1f}s); state in {layout.root}"
         )
         _print_status(manager.status(layout))
     elif args.action == "down":
         stopped = manager.down(layout)
-        console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+        console().print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
     elif args.action == "status":
         states = manager.status(layout)
         if args.json:
@@ -52,7 +103,7 @@ def _stack(args: argparse.Namespace) -> int:
 
 
 def _print_status(states) -> None:
-    table = Table("component", "address", "pid", "healthy", "rss")
+    table = _table("component", "address", "pid", "healthy", "rss")
     for s in states:
         table.add_row(
             s.name,
@@ -61,23 +112,24 @@ def _print_status(states) -> None:
             "yes" if s.healthy else "NO",
             f"{s.rss_bytes / 2**20:.0f} MiB" if s.rss_bytes else "-",
         )
-    console.print(table)
+    console().print(table)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from cdc_dev.generate import generate, render_progress
     from consumer.settings import require
 
+    traffic = _dev_tooling("cdc_dev.generate", "generate")
+    render_progress = traffic.render_progress
     dsn = args.dsn or require("postgres_dsn")
-    stats = generate(
+    stats = traffic.generate(
         dsn,
         rate=args.rate,
         duration=args.duration,
         seed=args.seed,
-        progress=lambda s: console.print(render_progress(s), end="\r"),
+        progress=lambda s: console().print(render_progress(s), end="\r"),
     )
-    console.print()
-    console.print(render_progress(stats))
+    console().print()
+    console().print(render_progress(stats))
     return 0
 
 
@@ -90,14 +142,14 @@ def _topics(args: argparse.Namespace) -> int:
     probe = Consumer(kafka_client_config(load_settings()).client({"group.id": "cdc-consumer-topics-probe"}))
     try:
         metadata = probe.list_topics(timeout=10)
-        table = Table("topic", "partitions", "messages")
+        table = _table("topic", "partitions", "messages")
         for name in sorted(t for t in metadata.topics if t.startswith(args.prefix)):
             total = 0
             for partition in metadata.topics[name].partitions:
                 low, high = probe.get_watermark_offsets(TopicPartition(name, partition), timeout=10)
                 total += high - low
             table.add_row(name, str(len(metadata.topics[name].partitions)), str(total))
-        console.print(table)
+        console().print(table)
     finally:
         probe.close()
     return 0
@@ -117,27 +169,27 @@ def _migrate(args: argparse.Namespace) -> int:
     from consumer.sink.migrate import apply_migrations
 
     applied = apply_migrations(clickhouse_client(load_settings()))
-    console.print(f"applied: {', '.join(applied) or 'nothing (up to date)'}")
+    console().print(f"applied: {', '.join(applied) or 'nothing (up to date)'}")
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from cdc_dev.verify import compare
     from consumer.app.clients import clickhouse_client
     from consumer.settings import load_settings, require
 
-    report = compare(require("postgres_dsn"), clickhouse_client(load_settings()))
-    console.print(str(report))
+    verify = _dev_tooling("cdc_dev.verify", "verify")
+    report = verify.compare(require("postgres_dsn"), clickhouse_client(load_settings()))
+    console().print(str(report))
     return 0 if report.ok else 1
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from cdc_dev.demo import run_demo
     from consumer.settings import load_settings, require
 
+    demo = _dev_tooling("cdc_dev.demo", "demo")
     for name in ("postgres_dsn", "kafka_bootstrap", "clickhouse_url"):
         require(name)
-    ok = run_demo(load_settings(), args.rate, args.duration, args.seed, Path(args.log))
+    ok = demo.run_demo(load_settings(), args.rate, args.duration, args.seed, Path(args.log))
     return 0 if ok else 1
 
 
@@ -159,14 +211,14 @@ def _replay(args: argparse.Namespace) -> int:
             move_group=args.move_group,
         )
     except ReplayRefused as exc:
-        console.print(f"[red]{exc}[/red]")
+        console().print(f"[red]{exc}[/red]")
         return 3
     if not args.json:
-        table = Table("topic", "partition", "from", "to (excl.)", "offsets", "note", title=f"replay as {plan.group}")
+        table = _table("topic", "partition", "from", "to (excl.)", "offsets", "note", title=f"replay as {plan.group}")
         for (topic, partition), bound in sorted(plan.ranges.items()):
             note = plan.notes.get((topic, partition), "")
             table.add_row(topic, str(partition), str(bound.start), str(bound.stop), str(len(bound)), note)
-        console.print(table)
+        console().print(table)
     if args.dry_run:
         if args.json:
             print(json.dumps(plan.as_dict(), indent=2))
@@ -184,7 +236,7 @@ def _replay(args: argparse.Namespace) -> int:
                 TextColumn("ETA"),
                 TimeRemainingColumn(),
             )
-            with Progress(*columns, console=console) as bar:
+            with Progress(*columns, console=console()) as bar:
                 task = bar.add_task("replay", total=plan.total, rate="")
 
                 def advance(done: int, total: int) -> None:
@@ -193,19 +245,19 @@ def _replay(args: argparse.Namespace) -> int:
 
                 report = run_replay(settings, plan, progress=advance)
     except ReplayRefused as exc:
-        console.print(f"[red]{exc}[/red]")
+        console().print(f"[red]{exc}[/red]")
         return 3
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
         rows = ", ".join(f"{t} {n:,}" for t, n in report.rows_inserted.items() if n) or "none"
-        console.print(
+        console().print(
             f"{'done' if report.completed else 'STOPPED EARLY'} in {report.seconds:.1f}s: read {report.messages_read:,}"
             f" messages, {report.already_applied:,} already in ClickHouse (skipped), "
             f"{report.dead_lettered:,} dead-lettered; rows inserted: {rows}"
         )
         if report.unfinished:
-            console.print(f"not finished: {', '.join(f'{t}[{p}]' for t, p in report.unfinished)}")
+            console().print(f"not finished: {', '.join(f'{t}[{p}]' for t, p in report.unfinished)}")
     return 0 if report.completed else 1
 
 
@@ -246,18 +298,19 @@ def _lag(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    table = Table("topic", "partition", "committed", "high watermark", "lag", "lag age", title=f"group {group}")
+    table = _table("topic", "partition", "committed", "high watermark", "lag", "lag age", title=f"group {group}")
     for x in lags:
         committed = "-" if x.committed is None else str(x.committed)
         table.add_row(x.topic, str(x.partition), committed, str(x.high_watermark), str(x.lag), f"{x.lag_seconds:.1f}s")
-    console.print(table)
-    console.print(f"{members} active member(s); total lag {sum(x.lag for x in lags):,} messages")
+    console().print(table)
+    console().print(f"{members} active member(s); total lag {sum(x.lag for x in lags):,} messages")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdc-consumer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     stack = sub.add_parser("stack", help="the native stack: Postgres, Kafka, Connect, registry, ClickHouse")
@@ -339,11 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        from cdc_dev.stack.manager import StackError
         from consumer.settings import ConfigError
 
-        if isinstance(exc, ConfigError | StackError):
-            console.print(f"[red]error:[/red] {exc}")
+        if isinstance(exc, ConfigError | DevToolingMissing):
+            _print_error(exc)
             return 2
         raise
 

@@ -13,6 +13,9 @@ if [ ! -f "$stamp" ]; then
   [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[dev]'
+  # cdc_dev (stack, generator, demo, verify) is development tooling and not in the package: put
+  # the checkout on the venv's path so `cdc-consumer stack ...` and friends find it.
+  echo "$PWD" > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/cdc-dev-checkout.pth"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

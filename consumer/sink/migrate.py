@@ -1,6 +1,7 @@
 """ClickHouse schema migrations and the consumer's applied watermarks.
 
-Migrations are the files ``clickhouse/NNN_<name>.sql`` of the repository, applied in numeric order
+Migrations are the files ``clickhouse/NNN_<name>.sql`` of the repository (installed as the package
+``consumer.migrations``, so an installed wheel carries them), applied in numeric order
 into the client's current database. Each file may hold several statements; they are split on a
 ``;`` that ends a line (outside quotes and comments). Applied files are recorded in
 ``_cdc_schema_migrations`` (name, checksum, applied_at); a file is recorded only after all of its
@@ -24,13 +25,14 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 MIGRATIONS_TABLE = "_cdc_schema_migrations"
-DEFAULT_DIRECTORY = Path(__file__).resolve().parents[2] / "clickhouse"
+DEFAULT_DIRECTORY = resources.files("consumer.migrations")
 
 _FILE_RE = re.compile(r"^(\d+)_[A-Za-z0-9_.-]+\.sql$")
 _IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -52,7 +54,7 @@ class MigrationChecksumError(MigrationError):
 class Migration:
     name: str
     number: int
-    path: Path
+    path: Traversable
     sql: str
     checksum: str
 
@@ -66,14 +68,14 @@ def checksum(sql: str) -> str:
     return hashlib.sha256(sql.replace("\r\n", "\n").encode("utf-8")).hexdigest()
 
 
-def discover(directory: Path | None = None) -> list[Migration]:
-    """The migration files of ``directory`` in apply order (numeric prefix)."""
-    directory = Path(directory) if directory is not None else DEFAULT_DIRECTORY
+def discover(directory: Traversable | None = None) -> list[Migration]:
+    """The migration files of ``directory`` (a path, or the installed ones) in apply order (numeric prefix)."""
+    directory = directory if directory is not None else DEFAULT_DIRECTORY
     if not directory.is_dir():
         raise MigrationError(f"migration directory {directory} does not exist")
     found: list[Migration] = []
-    for path in sorted(directory.iterdir()):
-        if not path.is_file() or path.suffix != ".sql":
+    for path in sorted(directory.iterdir(), key=lambda entry: entry.name):
+        if not path.is_file() or not path.name.endswith(".sql"):
             continue
         match = _FILE_RE.match(path.name)
         if not match:
@@ -178,7 +180,7 @@ def applied_migrations(client: Any) -> dict[str, str]:
     return {name: digest for name, digest in rows}
 
 
-def apply_migrations(client: Any, directory: Path | None = None) -> list[str]:
+def apply_migrations(client: Any, directory: Traversable | None = None) -> list[str]:
     """Apply the migrations of ``directory`` not applied yet; return the names applied now.
 
     ``client`` is a clickhouse-connect client; everything goes into its current database.

@@ -16,7 +16,8 @@ import logging
 import tomllib
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
+from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any, Literal
 
 from consumer.core.errors import MappingError
@@ -29,7 +30,7 @@ KEEP_PREVIOUS = UNCHANGED_TOAST
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAPPING = Path(__file__).with_name("default_mapping.toml")
+DEFAULT_MAPPING = resources.files("consumer.transform") / "default_mapping.toml"
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class Mapping:
         return Mapping(tuple(table if t.table == table.table else t for t in self.tables))
 
 
-def load_mapping(path: Path | None = None, topic_prefix: str = "adtech") -> Mapping:
+def load_mapping(path: Traversable | None = None, topic_prefix: str = "adtech") -> Mapping:
     """Read a mapping file; every problem is reported with the table and column it concerns."""
     path = path or DEFAULT_MAPPING
     try:
