@@ -203,6 +203,12 @@ class Settings(BaseSettings):
     topic_prefix: str = "adtech"
     mapping_file: Path | None = None
     dlq_topic: str = "cdc-consumer.dlq"
+    # The poison breaker (consumer.engine.breaker): over this share of poison among a topic's
+    # messages in the window, and at least the minimum count, poison waits instead of being
+    # dead-lettered. A minimum of 0 turns it off.
+    poison_breaker_share: float = Field(0.5, gt=0, le=1)
+    poison_breaker_min_messages: int = Field(100, ge=0)
+    poison_breaker_window_s: float = Field(60.0, gt=0)
     clickhouse_embedded_path: Path = Path(".cdc-clickhouse")
     batch_max_rows: int = Field(200_000, gt=0)
     batch_max_bytes: int = Field(64 * 2**20, gt=0)

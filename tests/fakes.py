@@ -143,7 +143,13 @@ def one_null_row(table, event, tiebreak) -> list[tuple]:
 
 
 def fake_pipeline(
-    source: FakeSource, sink, decoder=None, rows=one_null_row, bounds: Bounds | None = None, **config
+    source: FakeSource,
+    sink,
+    decoder=None,
+    rows=one_null_row,
+    bounds: Bounds | None = None,
+    dlq: DeadLetters | None = None,
+    **config,
 ) -> Pipeline:
     """A Pipeline on the fakes: the source records the assign callback."""
 
@@ -156,7 +162,7 @@ def fake_pipeline(
         decoder=decoder or FakeDecoder(),
         mapper=RowsMapper(rows),
         sink=sink,
-        dlq=DeadLetters(),
+        dlq=dlq or DeadLetters(),
         config=PipelineConfig(poll_timeout_s=0, **config),
         bounds=bounds,
     )

@@ -176,7 +176,7 @@ def test_the_batches_of_all_partitions_of_a_table_go_in_one_insert(target) -> No
     source = ScriptedLog({p: list(v) for p, v in log.items()})
     pipeline = pipeline_on(source, client, dlq)
     pipeline.step()
-    assert pipeline.inserts == 1 and source.commit_calls == 1
+    assert pipeline.report.inserts == 1 and source.commit_calls == 1
     assert source.committed == dict.fromkeys(range(4), 3)
     assert counted(client) == once_each(log)
     assert stored(client) == sorted(r for p, values in log.items() for r in python_rows(values, [0, 1, 2], p))
@@ -324,7 +324,7 @@ def test_dimension_batches_of_all_partitions_go_in_one_insert_and_unknown_previo
     pipeline = pipeline_on(source, client, dlq)
     pipeline.step()
     dlq.flush()
-    assert pipeline.inserts == 1 and source.committed == {0: 2, 1: 1, 2: 1}
+    assert pipeline.report.inserts == 1 and source.committed == {0: 2, 1: 1, 2: 1}
     assert dead_lettered(bootstrap, dlq_topic) == [(CAMPAIGNS.topic, 1, 0)]
     rows = client.query(
         "SELECT id, name, startsWith(creative, '<div') FROM dim_campaign FINAL WHERE _is_deleted = 0 ORDER BY id"

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-__all__ = ["DecodeError", "MappingError", "Poison", "RegistryUnavailable", "Transient"]
+__all__ = ["DeadLetterUnavailable", "DecodeError", "MappingError", "Poison", "RegistryUnavailable", "Transient"]
 
 
 class Poison(Exception):
@@ -39,3 +39,8 @@ class Transient(Exception):
 
 class RegistryUnavailable(Transient):
     """The schema registry cannot answer right now."""
+
+
+class DeadLetterUnavailable(Transient):
+    """The dead-letter topic did not store a record: nothing may be written or committed past
+    the message it stands for until it does."""

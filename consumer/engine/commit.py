@@ -1,5 +1,6 @@
 """The commit rule, in one place: a partition's offset is committed only after ClickHouse holds
-the rows of every message below it and the dead-letter topic holds every poison message below it.
+the rows of every message below it (and, since nothing is written past a dead-lettered message
+before the dead-letter topic holds it, the DLQ every poison message below it).
 
 Nothing else commits: the source never commits on its own (`enable.auto.commit=false`), and the
 lanes only report what they applied.
@@ -10,16 +11,14 @@ from __future__ import annotations
 import time
 
 from consumer.engine.bounds import Bounds
-from consumer.engine.dlq import DeadLetterQueue
 from consumer.engine.partition import PartitionState
 from consumer.kafka.source import KafkaSource
 from consumer.ops import metrics
 
 
 class CommitPolicy:
-    def __init__(self, source: KafkaSource, dlq: DeadLetterQueue, bounds: Bounds):
+    def __init__(self, source: KafkaSource, bounds: Bounds):
         self.source = source
-        self.dlq = dlq
         self.bounds = bounds
 
     def after_insert(self, states: list[PartitionState], *, mid_poll: bool) -> None:
@@ -30,7 +29,6 @@ class CommitPolicy:
         mid-poll (a schema change flushing a table's batches while the rest of a poll is still
         being handed to them): the position is then also past messages no batch holds yet, and
         committing it would lose them on a crash."""
-        self.dlq.flush()
         started = time.perf_counter()
         offsets = {}
         for state in states:

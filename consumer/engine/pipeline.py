@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Message
 
+from consumer.core.errors import DeadLetterUnavailable, MappingError
 from consumer.decode.envelope import EnvelopeDecoder
 from consumer.engine.batch import BatchPolicy, PartitionBatch
 from consumer.engine.bounds import Admission, Bounds, Unbounded
+from consumer.engine.breaker import PoisonBreaker
 from consumer.engine.clickhouse_lane import ClickHouseLane
 from consumer.engine.commit import CommitPolicy
 from consumer.engine.dlq import DeadLetterQueue
@@ -35,6 +37,7 @@ from consumer.engine.report import RunReport
 from consumer.kafka.source import KafkaSource, Partition
 from consumer.ops import metrics
 from consumer.sink.clickhouse import ClickHouseSink, LatestRows
+from consumer.sink.refusals import first_line, refused_for_data
 from consumer.sink.server_plan import for_sink
 from consumer.transform.mapping import Mapper, Mapping, NewColumns, TableMapping
 
@@ -58,6 +61,9 @@ class PipelineConfig:
     server_decode: bool = True
     latest_rows_kept: int = 10_000  # per dimension partition (consumer.sink.clickhouse.LatestRows)
     latest_rows_max_bytes: int = 32 * 2**20  # per dimension partition
+    poison_breaker_share: float = 0.5  # consumer.engine.breaker
+    poison_breaker_min_messages: int = 100
+    poison_breaker_window_s: float = 60.0
 
 
 class Pipeline:
@@ -85,10 +91,16 @@ class Pipeline:
         self._mid_poll = False  # while messages are being handed to their batches
         self._last_insert: dict[str, float] = {}  # table → when its last insert returned
         self.source = source_factory(self._assigned, self._revoked, self._lost)
-        self.commits = CommitPolicy(self.source, dlq, self.bounds)
+        self.commits = CommitPolicy(self.source, self.bounds)
         assignment = Assignment(self.partitions, self.config.batch, self.report)
         suffix = self.bounds.token_suffix
-        self.python = PythonLane(assignment, decoder, mapper, sink, dlq, evolve=self._evolve, token_suffix=suffix)
+        config = self.config
+        self.breaker = PoisonBreaker(
+            config.poison_breaker_share, config.poison_breaker_min_messages, config.poison_breaker_window_s
+        )
+        self.python = PythonLane(
+            assignment, decoder, mapper, sink, dlq, evolve=self._evolve, breaker=self.breaker, token_suffix=suffix
+        )
         # The ClickHouse lane serves the live service only: a replay decodes in Python.
         server = for_sink(sink, decoder) if self.config.server_decode and self.bounds.live else None
         self.clickhouse = ClickHouseLane(assignment, server, sink, decoder, suffix) if server else None
@@ -233,6 +245,7 @@ class Pipeline:
                 metrics.messages_consumed.labels(*labels).inc(state.consumed)
                 metrics.bytes_consumed.labels(*labels).inc(state.consumed_bytes)
                 self.report.messages_read += state.consumed
+                self.breaker.read(partition[0], state.consumed)
                 state.consumed = state.consumed_bytes = 0
             if state.due(now):
                 self.source.resume([partition])
@@ -296,7 +309,8 @@ class Pipeline:
         if self.python.offer(state, offset, key, value, size):
             return True
         self.source.seek(state.partition, offset)
-        if state.wait(time.monotonic() + self.config.retry_base_s):
+        delay = max(self.config.retry_base_s, self.breaker.hold_s(state.partition[0]))
+        if state.wait(time.monotonic() + delay):
             self.source.pause([state.partition])
         return False
 
@@ -332,7 +346,14 @@ class Pipeline:
         for partition, state in self.partitions.items():
             if state.batch.table.table == name and not self._flush(partition):
                 raise BlockingIOError(f"{name}: batches must be written before its columns change")
-        self.sink.add_columns(name, [(c.name, c.clickhouse_type) for c in change.columns])
+        try:
+            self.sink.add_columns(name, [(c.name, c.clickhouse_type) for c in change.columns])
+        except Exception as exc:
+            if refused_for_data(exc):
+                raise MappingError(
+                    "bad_new_column", f"{name}: ClickHouse refused {change}: {first_line(exc)}"
+                ) from None
+            raise BlockingIOError(f"{name}: cannot add columns now ({first_line(exc)})") from exc
         widened = change.table.with_columns(change.columns)
         self.mapper.mapping = self.mapping.replaced(widened)
         for state in self.partitions.values():
@@ -347,6 +368,11 @@ class Pipeline:
         state = self.partitions[partition]
         if state.batch.messages == 0:
             return True
+        try:
+            self.dlq.flush()  # nothing past a dead-lettered message is written before the DLQ holds it
+        except DeadLetterUnavailable as exc:
+            self._insert_failed([partition], state.batch.table.table, exc)
+            return False
         if state.batch.raw_values:
             assert self.clickhouse is not None
             outcome = self.clickhouse.flush(partition, alone)
@@ -381,7 +407,7 @@ class Pipeline:
         failures = 1 + max(self.partitions[p].failures for p in partitions)
         delay = min(self.config.retry_max_s, self.config.retry_base_s * 2 ** (failures - 1))
         log.error(
-            "insert into %s failed (%s: %s); retry in %.1fs, partitions paused", table, type(exc).__name__, exc, delay
+            "writing %s failed (%s: %s); retry in %.1fs, partitions paused", table, type(exc).__name__, exc, delay
         )
         # Every partition backs off, not only the failed ones (backpressure: nothing grows while
         # ClickHouse cannot take it); also on a final flush (a revocation).

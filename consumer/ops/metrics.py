@@ -35,6 +35,11 @@ rebalances = Counter("cdc_rebalances_total", "Partition assignment changes", ["k
 insert_retries = Counter("cdc_insert_retries_total", "Failed ClickHouse inserts that will be retried", ["table"])
 registry_retries = Counter("cdc_registry_retries_total", "Schema registry lookups that failed and will be retried")
 paused_partitions = Gauge("cdc_paused_partitions", "Partitions paused for backpressure")
+poison_breaker_open = Gauge(
+    "cdc_poison_breaker_open",
+    "1 while a topic's poison share is over the breaker's threshold: its poison waits instead of being dead-lettered",
+    ["topic"],
+)
 assigned_partitions = Gauge("cdc_assigned_partitions", "Partitions assigned to this member")
 latest_rows_bytes = Gauge(
     "cdc_latest_rows_bytes", "Bytes of the dimension rows kept for unchanged (TOASTed) columns, all partitions"
@@ -107,5 +112,6 @@ def initialize_series(mapping) -> None:
         for family in (rows_inserted, batch_rows, insert_seconds, insert_retries, end_to_end_seconds):
             family.labels(table.table)
         messages_skipped.labels(table.topic)
+        poison_breaker_open.labels(table.topic).set(0)
     for kind in ("assign", "revoke", "lost"):
         rebalances.labels(kind)
