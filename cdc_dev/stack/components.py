@@ -37,6 +37,7 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 JAVA17 = Path(os.environ.get("CDC_JAVA_HOME", "/usr/lib/jvm/java-17-openjdk-amd64"))
 SOURCE_DB_USER = "cdc"
 SOURCE_DB_PASSWORD = "cdc"
+LAST_QUORUM_NODE_STOP_S = 5.0
 
 LOG4J2 = """\
 status = warn
@@ -383,6 +384,16 @@ message.max.bytes=10485760
                 str(properties),
             ]
         )
+
+    def stop(self) -> bool:
+        # The last node of a quorum cannot finish a controlled shutdown (no controller majority
+        # is left to grant it), so waiting the usual time for it would only delay the SIGKILL.
+        alone = not self.single and not any(
+            process.read_pid(self.layout.pidfile(node.name)) for node in self.layout.kafka_nodes if node != self.node
+        )
+        if alone:
+            return process.stop(self.layout.pidfile(self.name), timeout=LAST_QUORUM_NODE_STOP_S)
+        return super().stop()
 
     def healthy(self) -> bool:
         if not process.port_open(self.node.port):

@@ -113,20 +113,21 @@ def _nodes_of_another_shape(layout: StackLayout, components: list[Component]) ->
 
 def down(layout: StackLayout) -> list[str]:
     """Stop every part by its PID, in reverse start order; returns the parts that were running.
-    Kafka and ClickHouse nodes started with other node counts are stopped first, so `down`
-    leaves nothing behind whatever the counts are now.
+    Kafka and ClickHouse nodes started with other node counts are stopped too, right after
+    Connect (which needs the brokers) and before the current nodes' ports are checked, which
+    they may hold; so `down` leaves nothing behind whatever the counts are now.
     Every part is stopped even if an earlier one misbehaves; problems are raised at the end."""
     stopped, problems = [], []
     components = all_components(layout)
-    for name in _nodes_of_another_shape(layout, components):
-        if process.stop(layout.pidfile(name)):
-            stopped.append(name)
+    others = _nodes_of_another_shape(layout, components)
     for component in reversed(components):
         if component.stop():
             stopped.append(component.name)
         if not process.wait_until(lambda c=component: not any(process.port_open(p) for p in c.ports), 15):
             busy = [port for port in component.ports if process.port_open(port)]
             problems.append(f"{component.name} stopped but port(s) {busy} are still open")
+        if isinstance(component, KafkaConnect):
+            stopped += [name for name in others if process.stop(layout.pidfile(name))]
     if problems:
         raise StackError("; ".join(problems))
     return stopped
