@@ -299,7 +299,7 @@ class Kafka(Component):
     def single(self) -> bool:
         return self.layout.kafka_brokers == 1
 
-    def _properties(self) -> Path:
+    def config_file(self) -> Path:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         node = self.node
         if self.single:
@@ -351,7 +351,7 @@ message.max.bytes=10485760
         return uuid.uuid4().hex[:22]
 
     def start(self) -> None:
-        properties = self._properties()
+        properties = self.config_file()
         if not self._meta(self.name).exists():
             subprocess.run(
                 [
