@@ -47,8 +47,7 @@ def test_stack_up_from_nothing_and_down_frees_everything(stack, native_stack: St
             manager.down(layout)
             os.environ.pop("CDC_STACK_LIB", None)
         assert not any(process.is_alive(pid) for pid in pids)
-        ports = [port for value in layout.ports.model_dump().values() for port in [value]]
-        assert [p for p in ports if process.port_open(p)] == []
+        assert [p for p in layout.all_ports if process.port_open(p)] == []
 
 
 def _rows(dsn: str, table: str) -> dict[int, dict]:

@@ -9,7 +9,13 @@ Users with a real ClickHouse ignore this file and point CDC_CLICKHOUSE_URL at th
 
 Usage (the stack manager runs it in the background and records its PID)::
 
-    python -m cdc_dev.stack.clickhouse_server --data-dir DIR --http-port 18123 --tcp-port 19000
+    python -m cdc_dev.stack.clickhouse_server --data-dir DIR --http-port 18123 --tcp-port 19000 \
+        [--cluster cdc --shard 127.0.0.1:19000 --shard 127.0.0.1:19010 ...]
+
+With ``--cluster``, config.xml declares that cluster in ``<remote_servers>``, one shard per
+``--shard`` (this server's own address among them), so ``Distributed`` tables, ``cluster()`` and
+``remote()`` reach every node. Each node is a separate process with its own data dir: chdb-core
+has no Keeper, so ReplicatedMergeTree and ``ON CLUSTER`` are not available, only plain sharding.
 
 Readiness: poll ``GET http://127.0.0.1:HTTP_PORT/ping`` until it answers ``Ok.``;
 :func:`wait_healthy` does exactly that.
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
+import re
 import signal
 import sys
 import time
@@ -59,7 +66,21 @@ _CONFIG_TEMPLATE = """\
         <size>100M</size>
         <count>3</count>
     </logger>
-</clickhouse>
+{cluster}</clickhouse>
+"""
+
+_CLUSTER_TEMPLATE = """\
+    <remote_servers>
+        <{name}>
+{shards}        </{name}>
+    </remote_servers>
+    <!-- Asynchronous inserts into Distributed tables are sent by this pool, which
+         clickhouse-local leaves empty unless the config sizes it. -->
+    <background_distributed_schedule_pool_size>4</background_distributed_schedule_pool_size>
+"""
+
+_SHARD_TEMPLATE = """\
+            <shard><replica><host>{host}</host><port>{port}</port></replica></shard>
 """
 
 # Run inside clickhouse-local in ONE call: the two SYSTEM statements start the network handlers
@@ -78,10 +99,29 @@ FORMAT Null
 """
 
 
-def write_config(data_dir: Path, http_port: int, tcp_port: int, listen_host: str = "127.0.0.1") -> Path:
-    """Create the data dir layout and write ``config.xml`` into it; return the config path."""
+def write_config(
+    data_dir: Path,
+    http_port: int,
+    tcp_port: int,
+    listen_host: str = "127.0.0.1",
+    cluster: str | None = None,
+    shards: list[tuple[str, int]] | None = None,
+) -> Path:
+    """Create the data dir layout and write ``config.xml`` into it; return the config path.
+
+    ``cluster`` names a cluster of ``shards`` (host, native TCP port), this server itself by
+    default."""
     for sub in ("", "tmp", "user_files", "logs"):
         (data_dir / sub).mkdir(parents=True, exist_ok=True)
+    cluster_xml = ""
+    if cluster is not None:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cluster):
+            raise ValueError(f"cluster name {cluster!r} is not an XML element name")
+        members = shards or [(listen_host, tcp_port)]
+        cluster_xml = _CLUSTER_TEMPLATE.format(
+            name=cluster,
+            shards="".join(_SHARD_TEMPLATE.format(host=escape(host), port=int(port)) for host, port in members),
+        )
     config = data_dir / "config.xml"
     config.write_text(
         _CONFIG_TEMPLATE.format(
@@ -89,9 +129,17 @@ def write_config(data_dir: Path, http_port: int, tcp_port: int, listen_host: str
             http_port=int(http_port),
             tcp_port=int(tcp_port),
             data_dir=escape(str(data_dir)),
+            cluster=cluster_xml,
         )
     )
     return config
+
+
+def _shard_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
 
 
 def _refuse_if_running(data_dir: Path) -> None:
@@ -175,12 +223,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-port", required=True, type=int)
     parser.add_argument("--tcp-port", required=True, type=int)
     parser.add_argument("--listen-host", default="127.0.0.1")
+    parser.add_argument("--cluster", help="declare this cluster in <remote_servers>, one shard per --shard")
+    parser.add_argument(
+        "--shard",
+        action="append",
+        type=_shard_address,
+        default=[],
+        metavar="HOST:PORT",
+        help="a shard's native TCP address, in shard order (repeat; default: this server only)",
+    )
     args = parser.parse_args(argv)
+    if args.shard and not args.cluster:
+        parser.error("--shard needs --cluster")
 
     # Absolute path: config.xml must not depend on the cwd, which _serve changes.
     data_dir = args.data_dir.expanduser().resolve()
     _refuse_if_running(data_dir)
-    config = write_config(data_dir, args.http_port, args.tcp_port, args.listen_host)
+    config = write_config(data_dir, args.http_port, args.tcp_port, args.listen_host, args.cluster, args.shard)
     print(
         f"clickhouse_server pid={os.getpid()} config={config} "
         f"http={args.listen_host}:{args.http_port} tcp={args.listen_host}:{args.tcp_port}",

@@ -15,14 +15,21 @@ import subprocess
 import sys
 import uuid
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
 
 from cdc_dev.stack import process
 from cdc_dev.stack.install import java_home_for_registry
-from cdc_dev.stack.layout import HOST, REPO_ROOT, StackLayout
+from cdc_dev.stack.layout import (
+    CLICKHOUSE_CLUSTER,
+    HOST,
+    REPO_ROOT,
+    ClickHouseNode,
+    KafkaNode,
+    StackLayout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +37,7 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 JAVA17 = Path(os.environ.get("CDC_JAVA_HOME", "/usr/lib/jvm/java-17-openjdk-amd64"))
 SOURCE_DB_USER = "cdc"
 SOURCE_DB_PASSWORD = "cdc"
+LAST_QUORUM_NODE_STOP_S = 5.0
 
 LOG4J2 = """\
 status = warn
@@ -262,40 +270,65 @@ class Postgres(Component):
 
 @dataclass
 class Kafka(Component):
-    """Kafka 4 in KRaft mode: one process that is both broker and controller."""
+    """Kafka 4 in KRaft mode: each node is both broker and controller. A single node forms its
+    quorum alone (`--standalone`); several form one quorum of all of them, with topics
+    replicated across them (see StackLayout.kafka_replication_factor)."""
 
-    name: str = "kafka"
+    node_id: int = 1
+    node: KafkaNode = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.node_id <= self.layout.kafka_brokers:
+            raise ValueError(f"no Kafka node {self.node_id} in a stack of {self.layout.kafka_brokers}")
+        self.node = self.layout.kafka_nodes[self.node_id - 1]
+        self.name = self.node.name
 
     @property
     def address(self) -> str:
-        return self.layout.kafka_bootstrap
+        return self.node.address
 
     @property
     def ports(self) -> list[int]:
-        return [self.layout.ports.kafka_port, self.layout.ports.kafka_controller_port]
+        return [self.node.port, self.node.controller_port]
 
-    def _properties(self) -> Path:
-        data = self.layout.data("kafka")
-        data.mkdir(parents=True, exist_ok=True)
-        p = self.layout.ports
-        path = data / "server.properties"
+    @property
+    def data_dir(self) -> Path:
+        return self.layout.data(self.name)
+
+    @property
+    def single(self) -> bool:
+        return self.layout.kafka_brokers == 1
+
+    def config_file(self) -> Path:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        node = self.node
+        if self.single:
+            quorum = f"controller.quorum.bootstrap.servers={node.controller_address}"
+        else:
+            voters = ",".join(f"{n.node_id}@{n.controller_address}" for n in self.layout.kafka_nodes)
+            quorum = f"controller.quorum.voters={voters}"
+        replicas = self.layout.kafka_replication_factor
+        min_isr = self.layout.kafka_min_insync_replicas
+        path = self.data_dir / "server.properties"
         path.write_text(f"""\
 process.roles=broker,controller
-node.id=1
-controller.quorum.bootstrap.servers={HOST}:{p.kafka_controller_port}
-listeners=PLAINTEXT://{HOST}:{p.kafka_port},CONTROLLER://{HOST}:{p.kafka_controller_port}
-advertised.listeners=PLAINTEXT://{HOST}:{p.kafka_port}
+node.id={node.node_id}
+{quorum}
+listeners=PLAINTEXT://{node.address},CONTROLLER://{node.controller_address}
+advertised.listeners=PLAINTEXT://{node.address}
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-log.dirs={data / "logs"}
+log.dirs={self.data_dir / "logs"}
 num.partitions=4
 # Topics are created on purpose (Connect's topic.creation, the consumer's DLQ), never by a typo.
 auto.create.topics.enable=false
-offsets.topic.replication.factor=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
+default.replication.factor={replicas}
+min.insync.replicas={min_isr}
+offsets.topic.replication.factor={replicas}
+transaction.state.log.replication.factor={replicas}
+transaction.state.log.min.isr={min_isr}
+share.coordinator.state.topic.replication.factor={replicas}
+share.coordinator.state.topic.min.isr={min_isr}
 group.initial.rebalance.delay.ms=0
 message.max.bytes=10485760
 """)
@@ -304,9 +337,22 @@ message.max.bytes=10485760
     def _classpath(self) -> str:
         return str(self.layout.lib / "kafka" / "*")
 
+    def _meta(self, node_name: str) -> Path:
+        return self.layout.data(node_name) / "logs" / "meta.properties"
+
+    def _cluster_id(self) -> str:
+        """Every node of one cluster is formatted with the same id: a formatted sibling's, if any."""
+        for node in self.layout.kafka_nodes:
+            meta = self._meta(node.name)
+            if meta.exists():
+                for line in meta.read_text().splitlines():
+                    if line.startswith("cluster.id="):
+                        return line.split("=", 1)[1].strip()
+        return uuid.uuid4().hex[:22]
+
     def start(self) -> None:
-        properties = self._properties()
-        if not (self.layout.data("kafka") / "logs" / "meta.properties").exists():
+        properties = self.config_file()
+        if not self._meta(self.name).exists():
             subprocess.run(
                 [
                     _java(JAVA17),
@@ -315,20 +361,21 @@ message.max.bytes=10485760
                     f"-Dlog4j2.configurationFile={self._log4j2()}",
                     "kafka.tools.StorageTool",
                     "format",
-                    "--standalone",
+                    *(["--standalone"] if self.single else []),
                     "-t",
-                    uuid.uuid4().hex[:22],
+                    self._cluster_id(),
                     "-c",
                     str(properties),
                 ],
                 check=True,
                 stdout=subprocess.DEVNULL,
             )
+        # Several brokers share the machine: each gets half the heap a single one has.
+        heap = ["-Xms256m", "-Xmx768m"] if self.single else ["-Xms128m", "-Xmx384m"]
         self._spawn(
             [
                 _java(JAVA17),
-                "-Xms256m",
-                "-Xmx768m",
+                *heap,
                 "-XX:+UseG1GC",
                 f"-Dlog4j2.configurationFile={self._log4j2()}",
                 "-cp",
@@ -338,8 +385,18 @@ message.max.bytes=10485760
             ]
         )
 
+    def stop(self) -> bool:
+        # The last node of a quorum cannot finish a controlled shutdown (no controller majority
+        # is left to grant it), so waiting the usual time for it would only delay the SIGKILL.
+        alone = not self.single and not any(
+            process.read_pid(self.layout.pidfile(node.name)) for node in self.layout.kafka_nodes if node != self.node
+        )
+        if alone:
+            return process.stop(self.layout.pidfile(self.name), timeout=LAST_QUORUM_NODE_STOP_S)
+        return super().stop()
+
     def healthy(self) -> bool:
-        if not process.port_open(self.layout.ports.kafka_port):
+        if not process.port_open(self.node.port):
             return False
         from confluent_kafka.admin import AdminClient
 
@@ -347,7 +404,8 @@ message.max.bytes=10485760
             metadata = AdminClient({"bootstrap.servers": self.address}).list_topics(timeout=3)
         except Exception:
             return False
-        return bool(metadata.brokers)
+        # Listed once it has registered with the controllers and is no longer fenced.
+        return self.node.node_id in metadata.brokers
 
 
 @dataclass
@@ -381,9 +439,9 @@ value.converter=org.apache.kafka.connect.json.JsonConverter
 config.storage.topic=_connect-configs
 offset.storage.topic=_connect-offsets
 status.storage.topic=_connect-status
-config.storage.replication.factor=1
-offset.storage.replication.factor=1
-status.storage.replication.factor=1
+config.storage.replication.factor={self.layout.kafka_replication_factor}
+offset.storage.replication.factor={self.layout.kafka_replication_factor}
+status.storage.replication.factor={self.layout.kafka_replication_factor}
 offset.flush.interval.ms=1000
 # Source offsets commit in the same Kafka transaction as the records (KIP-618): a worker
 # crash neither loses nor re-emits a change, so consumers see each change exactly once.
@@ -468,31 +526,42 @@ class SchemaRegistry(Component):
 
 @dataclass
 class ClickHouse(Component):
-    """ClickHouse 26.9 from PyPI's chdb-core, served on HTTP and TCP (see clickhouse_server)."""
+    """ClickHouse 26.9 from PyPI's chdb-core, served on HTTP and TCP (see clickhouse_server).
+    Every node declares the cluster `cdc` of all nodes, one shard each."""
 
-    name: str = "clickhouse"
+    shard: int = 1
+    node: ClickHouseNode = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.shard <= self.layout.clickhouse_shards:
+            raise ValueError(f"no ClickHouse shard {self.shard} in a stack of {self.layout.clickhouse_shards}")
+        self.node = self.layout.clickhouse_nodes[self.shard - 1]
+        self.name = self.node.name
 
     @property
     def address(self) -> str:
-        return self.layout.clickhouse_url
+        return self.node.url
 
     @property
     def ports(self) -> list[int]:
-        return [self.layout.ports.clickhouse_http_port, self.layout.ports.clickhouse_tcp_port]
+        return [self.node.http_port, self.node.tcp_port]
 
     def start(self) -> None:
-        p = self.layout.ports
+        shards = [arg for node in self.layout.clickhouse_nodes for arg in ("--shard", f"{HOST}:{node.tcp_port}")]
         self._spawn(
             [
                 sys.executable,
                 "-m",
                 "cdc_dev.stack.clickhouse_server",
                 "--data-dir",
-                str(self.layout.data("clickhouse")),
+                str(self.layout.data(self.name)),
                 "--http-port",
-                str(p.clickhouse_http_port),
+                str(self.node.http_port),
                 "--tcp-port",
-                str(p.clickhouse_tcp_port),
+                str(self.node.tcp_port),
+                "--cluster",
+                CLICKHOUSE_CLUSTER,
+                *shards,
             ]
         )
 
@@ -554,9 +623,9 @@ def all_components(layout: StackLayout) -> list[Component]:
     """In start order: Connect needs Kafka; the connector needs Postgres, Connect and the registry."""
     return [
         Postgres(layout),
-        Kafka(layout),
+        *(Kafka(layout, node_id=node.node_id) for node in layout.kafka_nodes),
         SchemaRegistry(layout),
-        ClickHouse(layout),
+        *(ClickHouse(layout, shard=node.shard) for node in layout.clickhouse_nodes),
         Prometheus(layout),
         KafkaConnect(layout),
     ]

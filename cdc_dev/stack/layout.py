@@ -4,11 +4,17 @@ Everything the stack writes (downloads, data, logs, pid files) stays under one s
 directory, `.stack/` in the working directory unless `CDC_STACK_DIR` says otherwise.
 Ports come from `CDC_STACK_<PART>_PORT` environment variables with defaults chosen
 away from the well-known ports, so the stack runs beside a developer's own services.
+
+Kafka and ClickHouse may run as several nodes (`CDC_STACK_KAFKA_BROKERS`,
+`CDC_STACK_CLICKHOUSE_SHARDS`): node 1 keeps the part's ports, node n takes them plus
+`NODE_PORT_STEP * (n - 1)`. A single node keeps the part's plain name (`kafka`); several are
+numbered (`kafka-1`, `kafka-2`, ...), each with its own data directory, log and pid file.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +23,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
+NODE_PORT_STEP = 10
+CLICKHOUSE_CLUSTER = "cdc"
+# Copies a topic keeps when the cluster has brokers enough; one copy may be lost without
+# stopping acks=all writes (min.insync.replicas one less).
+MAX_REPLICATION_FACTOR = 3
 
 
 class StackPorts(BaseSettings):
@@ -35,19 +46,120 @@ class StackPorts(BaseSettings):
     lag_exporter_port: int = Field(19109, ge=1, le=65535)  # `cdc-consumer lag --serve`, when one runs
 
 
+class StackShape(BaseSettings):
+    """How many nodes the scalable parts run; bounded so every node's ports stay distinct."""
+
+    model_config = SettingsConfigDict(env_prefix="CDC_STACK_", extra="ignore")
+
+    kafka_brokers: int = Field(1, ge=1, le=5)
+    clickhouse_shards: int = Field(1, ge=1, le=8)
+
+
+def _node_name(part: str, index: int, count: int) -> str:
+    return part if count == 1 else f"{part}-{index}"
+
+
+@dataclass(frozen=True)
+class KafkaNode:
+    """One combined broker and controller; its node id is its index (1-based)."""
+
+    node_id: int
+    name: str
+    port: int
+    controller_port: int
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    @property
+    def controller_address(self) -> str:
+        return f"{HOST}:{self.controller_port}"
+
+
+@dataclass(frozen=True)
+class ClickHouseNode:
+    """One ClickHouse server, shard `shard` of the cluster `cdc`."""
+
+    shard: int
+    name: str
+    http_port: int
+    tcp_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.http_port}"
+
+
 @dataclass(frozen=True)
 class StackLayout:
     root: Path
     ports: StackPorts
+    kafka_brokers: int = 1
+    clickhouse_shards: int = 1
+
+    def __post_init__(self) -> None:
+        taken = Counter(self.all_ports)
+        clashes = sorted(port for port, uses in taken.items() if uses > 1)
+        if clashes:
+            raise ValueError(f"stack ports {clashes} are used twice; choose other CDC_STACK_*_PORT values")
 
     @classmethod
     def from_env(cls) -> StackLayout:
         """`CDC_STACK_DIR` and per-port variables; `CDC_STACK_PORT_OFFSET` shifts every default
-        port at once, so a second stack (a colleague's, a test's) runs beside the first."""
+        port at once, so a second stack (a colleague's, a test's) runs beside the first.
+        `CDC_STACK_KAFKA_BROKERS` and `CDC_STACK_CLICKHOUSE_SHARDS` set the node counts."""
         root = Path(os.environ.get("CDC_STACK_DIR", ".stack")).resolve()
         offset = int(os.environ.get("CDC_STACK_PORT_OFFSET", "0"))
         shifted = {name: field.default + offset for name, field in StackPorts.model_fields.items()}
-        return cls(root=root, ports=StackPorts(**{**shifted, **StackPorts().model_dump(exclude_defaults=True)}))
+        shape = StackShape()
+        return cls(
+            root=root,
+            ports=StackPorts(**{**shifted, **StackPorts().model_dump(exclude_defaults=True)}),
+            kafka_brokers=shape.kafka_brokers,
+            clickhouse_shards=shape.clickhouse_shards,
+        )
+
+    @property
+    def kafka_nodes(self) -> list[KafkaNode]:
+        return [
+            KafkaNode(
+                node_id=index,
+                name=_node_name("kafka", index, self.kafka_brokers),
+                port=self.ports.kafka_port + NODE_PORT_STEP * (index - 1),
+                controller_port=self.ports.kafka_controller_port + NODE_PORT_STEP * (index - 1),
+            )
+            for index in range(1, self.kafka_brokers + 1)
+        ]
+
+    @property
+    def clickhouse_nodes(self) -> list[ClickHouseNode]:
+        return [
+            ClickHouseNode(
+                shard=index,
+                name=_node_name("clickhouse", index, self.clickhouse_shards),
+                http_port=self.ports.clickhouse_http_port + NODE_PORT_STEP * (index - 1),
+                tcp_port=self.ports.clickhouse_tcp_port + NODE_PORT_STEP * (index - 1),
+            )
+            for index in range(1, self.clickhouse_shards + 1)
+        ]
+
+    @property
+    def all_ports(self) -> list[int]:
+        """Every port the stack listens on (or, for the consumer's and exporter's, reserves)."""
+        node_ports = {"kafka_port", "kafka_controller_port", "clickhouse_http_port", "clickhouse_tcp_port"}
+        fixed = [port for name, port in self.ports.model_dump().items() if name not in node_ports]
+        kafka = [port for node in self.kafka_nodes for port in (node.port, node.controller_port)]
+        clickhouse = [port for node in self.clickhouse_nodes for port in (node.http_port, node.tcp_port)]
+        return fixed + kafka + clickhouse
+
+    @property
+    def kafka_replication_factor(self) -> int:
+        return min(MAX_REPLICATION_FACTOR, self.kafka_brokers)
+
+    @property
+    def kafka_min_insync_replicas(self) -> int:
+        return max(1, self.kafka_replication_factor - 1)
 
     @property
     def lib(self) -> Path:
@@ -78,7 +190,7 @@ class StackLayout:
 
     @property
     def kafka_bootstrap(self) -> str:
-        return f"{HOST}:{self.ports.kafka_port}"
+        return ",".join(node.address for node in self.kafka_nodes)
 
     @property
     def connect_url(self) -> str:
@@ -90,14 +202,14 @@ class StackLayout:
 
     @property
     def clickhouse_url(self) -> str:
-        return f"http://{HOST}:{self.ports.clickhouse_http_port}"
+        return self.clickhouse_nodes[0].url
 
     @property
     def prometheus_url(self) -> str:
         return f"http://{HOST}:{self.ports.prometheus_port}"
 
     def connection_env(self) -> dict[str, str]:
-        return {
+        env = {
             "CDC_POSTGRES_DSN": self.postgres_dsn,
             "CDC_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
             "CDC_CONNECT_URL": self.connect_url,
@@ -105,3 +217,7 @@ class StackLayout:
             "CDC_CLICKHOUSE_URL": self.clickhouse_url,
             "CDC_PROMETHEUS_URL": self.prometheus_url,
         }
+        if self.clickhouse_shards > 1:
+            env["CDC_CLICKHOUSE_CLUSTER"] = CLICKHOUSE_CLUSTER
+            env["CDC_STACK_CLICKHOUSE_URLS"] = ",".join(node.url for node in self.clickhouse_nodes)
+        return env

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import requests
 
 from cdc_dev.stack import process
-from cdc_dev.stack.components import Component, KafkaConnect, Postgres, all_components
+from cdc_dev.stack.components import Component, Kafka, KafkaConnect, Postgres, all_components
 from cdc_dev.stack.install import ensure_installed
 from cdc_dev.stack.layout import REPO_ROOT, StackLayout
 
@@ -21,6 +22,10 @@ CONNECTORS = {
     "avro": REPO_ROOT / "connectors" / "debezium-postgres.json",
     "json": REPO_ROOT / "connectors" / "debezium-postgres-json.json",
 }
+
+
+# Pid file names of Kafka and ClickHouse nodes, for any node count (layout's node names).
+SCALABLE_NODE = re.compile(r"(kafka|clickhouse)(-[0-9]+)?")
 
 
 class StackError(RuntimeError):
@@ -47,6 +52,13 @@ def up(layout: StackLayout, connector: str | None = "avro") -> dict[str, float]:
     timings["install"] = time.monotonic() - started
 
     components = all_components(layout)
+    elsewhere = _nodes_of_another_shape(layout, components)
+    if elsewhere:
+        raise StackError(
+            f"{', '.join(elsewhere)} of {layout.root} run with other node counts than "
+            "CDC_STACK_KAFKA_BROKERS / CDC_STACK_CLICKHOUSE_SHARDS ask for; `stack down` first "
+            "(each node count keeps its own data)"
+        )
     for component in components:
         if component.pid is not None:
             continue
@@ -54,10 +66,12 @@ def up(layout: StackLayout, connector: str | None = "avro") -> dict[str, float]:
         if busy:
             raise StackError(
                 f"{component.name}: port(s) {busy} are taken by another process; "
-                f"set CDC_STACK_{component.name.upper()}_PORT (see `stack status`)"
+                "move the stack with CDC_STACK_PORT_OFFSET or CDC_STACK_*_PORT (see `stack status`)"
             )
         if isinstance(component, KafkaConnect):
-            _wait_healthy(next(c for c in components if c.name == "kafka"))
+            for broker in components:
+                if isinstance(broker, Kafka):
+                    _wait_healthy(broker)
         log.info("starting %s on %s", component.name, component.address)
         component.start()
     for component in components:
@@ -84,16 +98,36 @@ def _wait_healthy(component: Component) -> None:
         )
 
 
+def _nodes_of_another_shape(layout: StackLayout, components: list[Component]) -> list[str]:
+    """Kafka or ClickHouse nodes running from this state directory that the current node counts
+    do not name (started with other CDC_STACK_KAFKA_BROKERS / CDC_STACK_CLICKHOUSE_SHARDS)."""
+    expected = {component.name for component in components}
+    return sorted(
+        pidfile.stem
+        for pidfile in layout.run.glob("*.pid")
+        if pidfile.stem not in expected
+        and SCALABLE_NODE.fullmatch(pidfile.stem)
+        and process.read_pid(pidfile) is not None
+    )
+
+
 def down(layout: StackLayout) -> list[str]:
     """Stop every part by its PID, in reverse start order; returns the parts that were running.
+    Kafka and ClickHouse nodes started with other node counts are stopped too, right after
+    Connect (which needs the brokers) and before the current nodes' ports are checked, which
+    they may hold; so `down` leaves nothing behind whatever the counts are now.
     Every part is stopped even if an earlier one misbehaves; problems are raised at the end."""
     stopped, problems = [], []
-    for component in reversed(all_components(layout)):
+    components = all_components(layout)
+    others = _nodes_of_another_shape(layout, components)
+    for component in reversed(components):
         if component.stop():
             stopped.append(component.name)
         if not process.wait_until(lambda c=component: not any(process.port_open(p) for p in c.ports), 15):
             busy = [port for port in component.ports if process.port_open(port)]
             problems.append(f"{component.name} stopped but port(s) {busy} are still open")
+        if isinstance(component, KafkaConnect):
+            stopped += [name for name in others if process.stop(layout.pidfile(name))]
     if problems:
         raise StackError("; ".join(problems))
     return stopped
