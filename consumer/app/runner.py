@@ -113,7 +113,7 @@ def serve_operations(settings: Settings, pipeline: Pipeline) -> tuple[Operations
                 time.sleep(0.01)
         return []
 
-    reader = LagReader(kafka_client_config(settings), settings.group_id, decoder=pipeline.decoder)
+    reader = LagReader(kafka_client_config(settings), settings.group_id, decoder=pipeline.decoder.for_another_thread())
     monitor = LagMonitor(reader, assigned, metrics.lag_messages, metrics.lag_seconds).start()
     return server, monitor
 

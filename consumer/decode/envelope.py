@@ -67,6 +67,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, Inexact, InvalidOperation
 from typing import Any
 
+from cachetools import LRUCache
 from fastavro import schemaless_reader
 
 from consumer.core.errors import DecodeError
@@ -465,11 +466,13 @@ class _EnvelopePlan:
 _SCHEMALESS = _EnvelopePlan(None, None)
 _JSON_SCHEMA_PREFIX = b'{"schema":'
 _JSON_PAYLOAD_SEP = b',"payload":'
-_MAX_JSON_PLANS = 1024
+_MAX_AVRO_PLANS = 4096
+_MAX_JSON_PLANS = 256
+_MAX_CACHED_SCHEMA_BYTES = 64 * 2**10  # Connect's schema of a Debezium table is a few kilobytes
 
 
 class EnvelopeDecoder:
-    """Decodes Debezium PostgreSQL change-event values. Reusable and thread-safe (caches only grow).
+    """Decodes Debezium PostgreSQL change-event values. Reusable; one per thread (its plan caches are not locked).
 
     `registry` may be None for JSON-only topics; an Avro message then raises
     `DecodeError("avro_without_registry")`. `toast_placeholder` must match the connector's
@@ -478,6 +481,7 @@ class EnvelopeDecoder:
 
     def __init__(self, registry: SchemaRegistry | None, *, toast_placeholder: str = DEFAULT_TOAST_PLACEHOLDER) -> None:
         self._registry = registry
+        self._toast_placeholder = toast_placeholder
         if toast_placeholder.startswith("hex:"):
             placeholder_bytes = bytes.fromhex(toast_placeholder[4:])
             placeholder = placeholder_bytes.decode("utf-8", errors="replace")
@@ -486,8 +490,13 @@ class EnvelopeDecoder:
         self._placeholder = placeholder
         self._placeholder_b64 = binascii.b2a_base64(placeholder_bytes, newline=False).decode()
         self._builder = _PlanBuilder(placeholder, placeholder_bytes)
-        self._avro_plans: dict[int, _EnvelopePlan | DecodeError] = {}
-        self._json_plans: dict[bytes | str, _EnvelopePlan] = {}
+        # Bounded by count, and JSON schemas by size too: hostile producers choose ids and schemas.
+        self._avro_plans: LRUCache[int, _EnvelopePlan | DecodeError] = LRUCache(_MAX_AVRO_PLANS)
+        self._json_plans: LRUCache[bytes | str, _EnvelopePlan] = LRUCache(_MAX_JSON_PLANS)
+
+    def for_another_thread(self) -> EnvelopeDecoder:
+        """A decoder like this one, with plan caches of its own (the registry's is shared)."""
+        return EnvelopeDecoder(self._registry, toast_placeholder=self._toast_placeholder)
 
     def decode(self, value: bytes | None) -> ChangeEvent | None:
         """The change in `value` (the message value as `bytes`, as confluent-kafka returns it);
@@ -627,9 +636,8 @@ class EnvelopeDecoder:
         except (KeyError, ValueError, TypeError, AttributeError) as e:
             raise DecodeError("invalid_json_schema", f"cannot compile the embedded Connect schema: {e!r}") from None
         plan = _EnvelopePlan(before, after)
-        if len(self._json_plans) >= _MAX_JSON_PLANS:
-            self._json_plans.clear()  # bounded: schemas change rarely, a flood of distinct ones is odd
-        self._json_plans[key] = plan
+        if len(key) <= _MAX_CACHED_SCHEMA_BYTES:
+            self._json_plans[key] = plan
         return plan
 
     def _toast_scan(self, row: dict[str, Any]) -> None:

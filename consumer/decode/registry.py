@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import requests
+from cachetools import LRUCache, TTLCache
 from fastavro import parse_schema
 from pydantic import SecretStr
 
@@ -77,6 +78,13 @@ def _normalize(node: Any) -> Any:
     return out
 
 
+SCHEMAS_KEPT = 4096
+UNKNOWN_IDS_KEPT = 10_000
+UNKNOWN_ID_TTL_S = 60.0
+# Debezium's writer schemas are tens of kilobytes; an answer far larger is not one of them.
+MAX_RESPONSE_BYTES = 4 * 2**20
+
+
 class SchemaRegistry:
     """`schema(id)` -> parsed fastavro schema, cached forever per id. Thread-safe."""
 
@@ -90,6 +98,7 @@ class SchemaRegistry:
         password: SecretStr | str | None = None,
         token: SecretStr | str | None = None,
         ca_cert: Path | None = None,
+        unknown_id_ttl_s: float = UNKNOWN_ID_TTL_S,
     ) -> None:
         parts = urlsplit(url)
         if parts.username is not None:
@@ -108,17 +117,26 @@ class SchemaRegistry:
             self._session.headers["Authorization"] = f"Bearer {_reveal(token)}"
         if ca_cert is not None:
             self._session.verify = str(ca_cert)
-        self._cache: dict[int, dict[str, Any] | _Permanent] = {}
+        # Bounded: every message names a schema id, and a hostile producer can name a million.
+        self._cache: LRUCache[int, dict[str, Any] | _Permanent] = LRUCache(SCHEMAS_KEPT)
+        # Ids the registry does not know, remembered for a while rather than asked again per message.
+        self._unknown: TTLCache[int, str] = TTLCache(UNKNOWN_IDS_KEPT, unknown_id_ttl_s)
         self._lock = threading.Lock()
 
     def schema(self, schema_id: int) -> dict[str, Any]:
-        cached = self._cache.get(schema_id)
-        if cached is None:
-            with self._lock:  # one fetch per id even when several threads miss at once
-                cached = self._cache.get(schema_id)
-                if cached is None:
+        with self._lock:  # one fetch per id even when several threads miss at once
+            cached = self._cache.get(schema_id)
+            if cached is None:
+                unknown = self._unknown.get(schema_id)
+                if unknown is not None:
+                    raise DecodeError("unknown_schema_id", unknown)
+                try:
                     cached = self._load(schema_id)
-                    self._cache[schema_id] = cached
+                except DecodeError as e:
+                    if e.error_class == "unknown_schema_id":
+                        self._unknown[schema_id] = e.reason
+                    raise
+                self._cache[schema_id] = cached
         if isinstance(cached, _Permanent):
             # A fresh exception each time: re-raising one instance would grow its traceback forever.
             raise DecodeError(cached.error_class, cached.reason)
@@ -132,8 +150,8 @@ class SchemaRegistry:
     def _load(self, schema_id: int) -> dict[str, Any] | _Permanent:
         """Parsed schema, or the reason a schema will never decode (cached like a schema).
         Raises, uncached, for unknown ids and for an unavailable registry."""
-        body = self._get(f"/schemas/ids/{schema_id}", what=f"schema id {schema_id}")
         try:
+            body = self._get(f"/schemas/ids/{schema_id}", what=f"schema id {schema_id}")
             return self._parse(body, f"schema id {schema_id}", named={}, seen=set())
         except _Permanent as e:
             return e
@@ -172,7 +190,9 @@ class SchemaRegistry:
                 url,
                 timeout=self.timeout,
                 headers={"Accept": "application/vnd.schemaregistry.v1+json, application/json"},
+                stream=True,
             )
+            content = response.raw.read(MAX_RESPONSE_BYTES + 1, decode_content=True)
         except requests.Timeout as e:
             raise RegistryUnavailable(
                 redact_url(f"schema registry timed out after {self.timeout}s: GET {url}: {e}")
@@ -180,6 +200,11 @@ class SchemaRegistry:
         except requests.RequestException as e:
             raise RegistryUnavailable(redact_url(f"schema registry unreachable: GET {url}: {e}")) from e
         status = response.status_code
+        if len(content) > MAX_RESPONSE_BYTES:
+            raise _Permanent(
+                "writer_schema_too_large", f"{what}: the registry's answer is over {MAX_RESPONSE_BYTES} bytes"
+            )
+        response._content = content  # what .json() and .text read
         try:
             body = response.json()
         except ValueError:

@@ -40,11 +40,12 @@ import hashlib
 import json
 import logging
 import struct
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
+
+from cachetools import LRUCache, TTLCache
 
 from consumer.decode.avro_schema import fields_by_name, image_records, is_optional, named_types, resolve, strip
 from consumer.sink.clickhouse import INSERT_SETTINGS
@@ -67,7 +68,8 @@ log = logging.getLogger(__name__)
 OFFSET_BITS = 48
 MAX_OFFSET = (1 << OFFSET_BITS) - 1
 MAX_PARTITION = (1 << 16) - 1
-RETRY_S = 10.0  # after a transient failure to set a plan up, the Python path for this long
+RETRY_S = 10.0
+PLANS_KEPT = 1024  # after a transient failure to set a plan up, the Python path for this long
 SYNC = b"cdc-consumer-ocf"  # the container's 16-byte sync marker (any constant will do)
 # Messages per Avro block of a payload: enough to make the per-block overhead negligible, few
 # enough that no block is a large copy.
@@ -464,8 +466,9 @@ class ServerDecoder:
         self.writer_schema = writer_schema  # schema id -> fastavro-parsed writer schema (may raise)
         self.placeholder = placeholder
         # (id(table mapping), header) -> (the mapping, kept alive so the id stays its own; plan)
-        self._plans: dict[tuple[int, bytes], tuple[TableMapping, ServerPlan | None]] = {}
-        self._retry_at: dict[tuple[int, bytes], float] = {}
+        # Bounded: the header is the message's first five bytes, which a hostile producer chooses.
+        self._plans: LRUCache[tuple[int, bytes], tuple[TableMapping, ServerPlan | None]] = LRUCache(PLANS_KEPT)
+        self._retry_at: TTLCache[tuple[int, bytes], bool] = TTLCache(PLANS_KEPT, RETRY_S)
 
     def plan(self, table: TableMapping, header: bytes) -> ServerPlan | None:
         """The plan for messages of `table` starting with `header`; None: use the Python path."""
@@ -473,13 +476,13 @@ class ServerDecoder:
         cached = self._plans.get(key)
         if cached is not None:
             return cached[1]
-        if self._retry_at.get(key, 0.0) > time.monotonic():
+        if key in self._retry_at:
             return None
         plan, permanent = self._compile(table, header)
         if permanent:
             self._plans[key] = (table, plan)
         else:
-            self._retry_at[key] = time.monotonic() + RETRY_S
+            self._retry_at[key] = True
         return plan
 
     def _compile(self, table: TableMapping, header: bytes) -> tuple[ServerPlan | None, bool]:

@@ -38,7 +38,7 @@ import pytest
 from consumer.core.errors import DecodeError, RegistryUnavailable
 from consumer.core.types import UNCHANGED_TOAST, ChangeEvent
 from consumer.decode.envelope import EnvelopeDecoder
-from consumer.decode.registry import SchemaRegistry, parse_writer_schema
+from consumer.decode.registry import MAX_RESPONSE_BYTES, SchemaRegistry, parse_writer_schema
 from consumer.transform.mapping import Mapper, load_mapping
 
 PLACEHOLDER = "__debezium_unavailable_value"
@@ -1170,17 +1170,29 @@ def test_registry_fetches_once_and_decodes(fake_registry: FakeRegistry) -> None:
     registry.close()
 
 
-def test_registry_unknown_id_is_a_decode_error_and_not_cached(fake_registry: FakeRegistry) -> None:
+def test_registry_unknown_id_is_a_decode_error_remembered_for_a_while(fake_registry: FakeRegistry) -> None:
     path = "/apis/ccompat/v7/schemas/ids/404"
     fake_registry.routes[path] = (404, {"error_code": 40403, "message": "Schema 404 not found"}, 0.0)
-    registry = SchemaRegistry(fake_registry.url + "/")  # a trailing slash is fine
-    for _ in range(2):
+    registry = SchemaRegistry(fake_registry.url + "/", unknown_id_ttl_s=0.3)  # a trailing slash is fine
+    for _ in range(3):
         with pytest.raises(DecodeError) as info:
             registry.schema(404)
         assert info.value.error_class == "unknown_schema_id" and "40403" in str(info.value)
-    assert fake_registry.requests == [path, path]  # a later registration would be picked up
+    assert fake_registry.requests == [path], "not asked again for every message"
     fake_registry.add_schema(404, SCHEMAS[ITEMS_ID])
+    time_module.sleep(0.4)  # a later registration is picked up once the id is forgotten
     assert registry.schema(404)["type"] == "record"
+
+
+def test_registry_answer_too_large_is_a_permanent_decode_error(fake_registry: FakeRegistry) -> None:
+    path = "/apis/ccompat/v7/schemas/ids/77"
+    fake_registry.routes[path] = (200, {"schema": "x" * (MAX_RESPONSE_BYTES + 10)}, 0.0)
+    registry = SchemaRegistry(fake_registry.url)
+    for _ in range(2):
+        with pytest.raises(DecodeError) as info:
+            registry.schema(77)
+        assert info.value.error_class == "writer_schema_too_large"
+    assert fake_registry.requests == [path]
 
 
 def test_registry_404_from_a_wrong_url_is_unavailable_not_poison(fake_registry: FakeRegistry) -> None:
