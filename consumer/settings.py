@@ -224,7 +224,7 @@ class Settings(BaseSettings):
     # on (the default: ClickHouse keeps its rows); "skip" logs and ignores it.
     truncate_action: Literal["dlq", "skip"] = "dlq"
     # Fact batches decoded and mapped by ClickHouse (INSERT … FORMAT Avro into a staging table
-    # whose materialized view writes the rows): ~10x less CPU than decoding in Python.
+    # whose materialized view writes the rows): far less CPU than decoding in Python (bench/README.md).
     server_decode: bool = True
     # Per dimension partition, the rows last applied, by key: a change's unchanged (TOASTed)
     # columns come from there instead of a ClickHouse look-up. 0: always ask ClickHouse.

@@ -45,8 +45,8 @@ class UnresolvedPrevious(Exception):
 def _lists_only() -> None:
     """The consumer hands clickhouse-connect Python lists, never a DataFrame or an ndarray. Its
     insert path asks of every data argument whether it is one, and the first such question
-    imports pandas and numpy, which chdb-core installs: half the consumer's start-up CPU and
-    about 120 MiB of its peak RSS in the benchmark. Saying neither is installed skips both."""
+    imports pandas and numpy, which chdb-core installs: a large share of the consumer's start-up
+    CPU and peak memory (bench/README.md). Saying neither is installed skips both."""
     from clickhouse_connect.driver import options
 
     options.pd = None
@@ -68,9 +68,8 @@ def connect(
 ) -> Client:
     """A client for `CDC_CLICKHOUSE_URL` (http[s]://[user:password@]host:port/database), or, with
     no URL, an embedded ClickHouse (chDB) keeping its data in `embedded_path`. `compress`: LZ4 on
-    inserts and results, for a ClickHouse across a slow network; it costs CPU on both ends (8 % of
-    the consumer's insert path and about as much of ClickHouse's in the benchmark), and TOASTed
-    values are often incompressible anyway.
+    inserts and results, for a ClickHouse across a slow network; it costs CPU on both ends
+    (bench/README.md), and TOASTed values are often incompressible anyway.
 
     `user` and `password` stand in for the URL's; over https the server's certificate is verified
     (against `ca_cert` when given) unless `verify` is off, and `client_cert`/`client_key`
