@@ -415,6 +415,12 @@ FROM
 )
 WHERE throwIf({row_check}, 'cdc: a value only the Python path may convert') = 0""",
     )
+    return ServerPlan(table.table, table.topic, schema_id, staging, view, ddl, _container_head(envelope))
+
+
+def _container_head(envelope: dict[str, Any]) -> bytes:
+    """The Avro container's header: the writer schema wrapped between two copies of the Kafka
+    coordinates and the Confluent header (see the module's docstring)."""
     wrapper = dict(envelope)
     wrapper["name"] = f"{envelope.get('name', 'Envelope')}_cdc_wrapped"
     wrapper["fields"] = [
@@ -432,7 +438,7 @@ WHERE throwIf({row_check}, 'cdc: a value only the Python path may convert') = 0"
         + encode_string("null")
         + b"\x00"
     )
-    return ServerPlan(table.table, table.topic, schema_id, staging, view, ddl, b"Obj\x01" + meta + SYNC)
+    return b"Obj\x01" + meta + SYNC
 
 
 def _sql_string_bytes(b: bytes) -> str:
