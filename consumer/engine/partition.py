@@ -97,7 +97,8 @@ class PartitionState:
     def message_applied(self) -> None:
         self.waiting = False
 
-    def batch_applied(self, batch: PartitionBatch) -> None:
+    def batch_applied(self) -> None:
+        batch = self.batch
         self.failures = 0
         if batch.last_row_offset is not None:
             self.watermark = max(self.watermark, batch.last_row_offset)

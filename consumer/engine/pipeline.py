@@ -425,4 +425,4 @@ class Pipeline:
         states = [self.partitions[p] for p in partitions]
         self.commits.after_insert(states, mid_poll=self._mid_poll)
         for state in states:
-            state.batch_applied(state.batch)
+            state.batch_applied()

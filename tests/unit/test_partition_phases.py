@@ -22,7 +22,7 @@ def test_a_failed_insert_backs_off_then_recovers_until_a_batch_is_applied() -> N
     assert state.due(now=10.0), "the source must resume it"
     assert state.phase is Phase.RECOVERING and not state.ready
     state.batch.add(5, [("row",)], 10, None)
-    state.batch_applied(state.batch)
+    state.batch_applied()
     assert state.phase is Phase.ACTIVE and state.ready
     assert state.watermark == 5 and state.batch.messages == 0
 
@@ -54,7 +54,7 @@ def test_consecutive_failures_are_counted_and_reset_by_an_applied_batch() -> Non
     state.insert_failed(until=2.0)
     assert state.failures == 2 and state.phase is Phase.BACKING_OFF
     state.due(now=2.0)
-    state.batch_applied(state.batch)
+    state.batch_applied()
     assert state.failures == 0 and state.phase is Phase.ACTIVE
 
 
