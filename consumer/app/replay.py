@@ -171,47 +171,11 @@ def plan_replay(
     finally:
         reader.close()
 
-    notes: dict[Partition, str] = {}
-    ranges: dict[Partition, range] = {}
-    set_offsets: dict[Partition, int] = {}
     if move_group:
-        if members:
-            who = ", ".join(sorted({f"{m.client_id}@{m.host}" for m in members}))
-            raise ReplayRefused(
-                f"refused: group {live_group!r} has {len(members)} active member(s) ({who}). Moving the offsets of a "
-                "group under running consumers is undone by their next commit, and they would race the replay. "
-                "Stop the consumers first (e.g. `systemctl stop cdc-consumer`), or replay beside them without "
-                "--move-group (a separate backfill group)."
-            )
-        for p in partitions:
-            current = low[p] if committed.get(p) is None else max(committed[p], low[p])
-            if p not in starts:
-                ranges[p] = range(current, current)  # not replayed, not moved
-                continue
-            start = starts[p]
-            if start > current:
-                raise ReplayRefused(
-                    f"refused: --move-group would move {p[0]}[{p[1]}] forward from {current} to {start}, past "
-                    f"{start - current} message(s) the group has not applied. Start at {current} or earlier."
-                )
-            ranges[p] = range(start, max(start, bound[p]))
-            set_offsets[p] = start
+        ranges, set_offsets, notes = _move_group_ranges(live_group, members, partitions, starts, low, committed, bound)
         group = live_group
     else:
-        for p in partitions:
-            # The live group reads from its committed offset on (from the log start if it has none):
-            # that is its work, and the backfill stops below it.
-            live_from = low[p] if committed.get(p) is None else max(committed[p], low[p])
-            stop = min(bound[p], live_from)
-            if p not in starts:
-                ranges[p] = range(high[p], high[p])
-                set_offsets[p] = high[p]
-                continue
-            if stop < bound[p]:
-                notes[p] = f"stops at {stop}, where the live group {live_group!r} reads on (bound was {bound[p]})"
-            start = min(starts[p], stop)
-            ranges[p] = range(start, stop)
-            set_offsets[p] = start
+        ranges, set_offsets, notes = _backfill_ranges(live_group, partitions, starts, low, high, committed, bound)
         stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%SZ")
         group = f"{live_group}-backfill-{stamp}"
     for p in partitions:
@@ -227,6 +191,59 @@ def plan_replay(
         notes=notes,
         started_ms=int(now * 1000),
     )
+
+
+_Ranges = tuple[dict[Partition, range], dict[Partition, int], dict[Partition, str]]
+
+
+def _move_group_ranges(live_group, members, partitions, starts, low, committed, bound) -> _Ranges:
+    """The live group itself goes back: refused under running members, or forward past unapplied work."""
+    if members:
+        who = ", ".join(sorted({f"{m.client_id}@{m.host}" for m in members}))
+        raise ReplayRefused(
+            f"refused: group {live_group!r} has {len(members)} active member(s) ({who}). Moving the offsets of a "
+            "group under running consumers is undone by their next commit, and they would race the replay. "
+            "Stop the consumers first (e.g. `systemctl stop cdc-consumer`), or replay beside them without "
+            "--move-group (a separate backfill group)."
+        )
+    ranges: dict[Partition, range] = {}
+    set_offsets: dict[Partition, int] = {}
+    for p in partitions:
+        current = low[p] if committed.get(p) is None else max(committed[p], low[p])
+        if p not in starts:
+            ranges[p] = range(current, current)  # not replayed, not moved
+            continue
+        start = starts[p]
+        if start > current:
+            raise ReplayRefused(
+                f"refused: --move-group would move {p[0]}[{p[1]}] forward from {current} to {start}, past "
+                f"{start - current} message(s) the group has not applied. Start at {current} or earlier."
+            )
+        ranges[p] = range(start, max(start, bound[p]))
+        set_offsets[p] = start
+    return ranges, set_offsets, {}
+
+
+def _backfill_ranges(live_group, partitions, starts, low, high, committed, bound) -> _Ranges:
+    """A group of its own reads up to where the live group reads on, never into the live group's work."""
+    ranges: dict[Partition, range] = {}
+    set_offsets: dict[Partition, int] = {}
+    notes: dict[Partition, str] = {}
+    for p in partitions:
+        # The live group reads from its committed offset on (from the log start if it has none):
+        # that is its work, and the backfill stops below it.
+        live_from = low[p] if committed.get(p) is None else max(committed[p], low[p])
+        stop = min(bound[p], live_from)
+        if p not in starts:
+            ranges[p] = range(high[p], high[p])
+            set_offsets[p] = high[p]
+            continue
+        if stop < bound[p]:
+            notes[p] = f"stops at {stop}, where the live group {live_group!r} reads on (bound was {bound[p]})"
+        start = min(starts[p], stop)
+        ranges[p] = range(start, stop)
+        set_offsets[p] = start
+    return ranges, set_offsets, notes
 
 
 def _starts(settings, partitions, low, high, from_offset, from_timestamp, from_beginning, now) -> dict[Partition, int]:
