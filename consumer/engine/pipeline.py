@@ -64,6 +64,7 @@ class PipelineConfig:
     poison_breaker_share: float = 0.5  # consumer.engine.breaker
     poison_breaker_min_messages: int = 100
     poison_breaker_window_s: float = 60.0
+    max_evolved_columns: int = 100  # per table, over its life (consumer.settings)
 
 
 class Pipeline:
@@ -343,11 +344,12 @@ class Pipeline:
         """The source table gained columns: flush every batch of the old shape, add the columns
         in ClickHouse, and carry on with the wider mapping — no restart."""
         name = change.table.table
+        self._check_evolution_cap(change)
         for partition, state in self.partitions.items():
             if state.batch.table.table == name and not self._flush(partition):
                 raise BlockingIOError(f"{name}: batches must be written before its columns change")
         try:
-            self.sink.add_columns(name, [(c.name, c.clickhouse_type) for c in change.columns])
+            self.sink.add_columns(name, [(c.name, c.clickhouse_type) for c in change.columns], evolved=True)
         except Exception as exc:
             if refused_for_data(exc):
                 raise MappingError(
@@ -360,6 +362,22 @@ class Pipeline:
             if state.batch.table.table == name:
                 state.batch = PartitionBatch(widened, state.batch.topic, state.batch.partition)
         return widened
+
+    def _check_evolution_cap(self, change: NewColumns) -> None:
+        """MappingError("too_many_new_columns") when the change would take the table beyond the
+        columns evolution may add to it (counted in ClickHouse, so across restarts)."""
+        name = change.table.table
+        try:
+            evolved = self.sink.evolved_columns(name)
+        except Exception as exc:
+            raise BlockingIOError(f"{name}: cannot read its columns now ({first_line(exc)})") from exc
+        wanted = evolved | {c.name for c in change.columns}
+        if len(wanted) > self.config.max_evolved_columns:
+            raise MappingError(
+                "too_many_new_columns",
+                f"{name}: {change} would make {len(wanted)} columns added by schema evolution, more than "
+                f"CDC_MAX_EVOLVED_COLUMNS={self.config.max_evolved_columns}; the table is left as it is",
+            )
 
     # -- flushing ---------------------------------------------------------------------------
     def _flush(self, partition: Partition, alone: bool = False) -> bool:
