@@ -39,7 +39,7 @@ from consumer.ops import metrics
 from consumer.sink.clickhouse import ClickHouseSink, LatestRows
 from consumer.sink.refusals import first_line, refused_for_data
 from consumer.sink.server_plan import for_sink
-from consumer.transform.mapping import Mapper, Mapping, NewColumns, TableMapping
+from consumer.transform.mapping import ColumnMapping, Mapper, Mapping, NewColumns, TableMapping
 
 log = logging.getLogger(__name__)
 
@@ -356,11 +356,28 @@ class Pipeline:
                     "bad_new_column", f"{name}: ClickHouse refused {change}: {first_line(exc)}"
                 ) from None
             raise BlockingIOError(f"{name}: cannot add columns now ({first_line(exc)})") from exc
-        widened = change.table.with_columns(change.columns)
+        widened = change.table.with_columns(self._as_stored(name, change.columns))
         self.mapper.mapping = self.mapping.replaced(widened)
         for state in self.partitions.values():
             if state.batch.table.table == name:
                 state.batch = PartitionBatch(widened, state.batch.topic, state.batch.partition)
+        return widened
+
+    def _as_stored(self, table: str, columns: list[ColumnMapping]) -> list[ColumnMapping]:
+        """The added columns with the types ClickHouse gave them: a column another consumer (or
+        this one before a restart) added first keeps the type it was added with, whatever the
+        value that found it missing this time. MappingError for a type the mapping cannot hold."""
+        try:
+            stored = self.sink.columns(table)
+        except Exception as exc:
+            raise BlockingIOError(f"{table}: cannot read its columns now ({first_line(exc)})") from exc
+        widened = []
+        for column in columns:
+            stored_type = stored.get(column.name, (column.clickhouse_type, ""))[0]
+            try:
+                widened.append(column if stored_type == column.clickhouse_type else column.of_type(stored_type))
+            except ValueError as exc:
+                raise MappingError("bad_new_column", f"{table}.{column.name}: {exc}") from None
         return widened
 
     def _check_evolution_cap(self, change: NewColumns) -> None:
@@ -375,7 +392,7 @@ class Pipeline:
         if len(wanted) > self.config.max_evolved_columns:
             raise MappingError(
                 "too_many_new_columns",
-                f"{name}: {change} would make {len(wanted)} columns added by schema evolution, more than "
+                f"{change} would make {len(wanted)} columns added by schema evolution, more than "
                 f"CDC_MAX_EVOLVED_COLUMNS={self.config.max_evolved_columns}; the table is left as it is",
             )
 

@@ -236,21 +236,20 @@ class ClickHouseSink:
             log.info("%s", statement)
             self.client.command(statement)
 
-    def _columns(self, table: str) -> dict[str, str]:
-        """name → comment of the table's columns."""
-        return dict(
-            self.client.query(
-                "SELECT name, comment FROM system.columns WHERE database = currentDatabase() AND table = {t:String}",
-                parameters={"t": table},
-            ).result_rows
-        )
+    def columns(self, table: str) -> dict[str, tuple[str, str]]:
+        """name → (type, comment) of the table's columns."""
+        rows = self.client.query(
+            "SELECT name, type, comment FROM system.columns WHERE database = currentDatabase() AND table = {t:String}",
+            parameters={"t": table},
+        ).result_rows
+        return {name: (column_type, comment) for name, column_type, comment in rows}
 
     def evolved_columns(self, table: str) -> set[str]:
         """The columns schema evolution added to the table."""
-        return {name for name, comment in self._columns(table).items() if comment == EVOLVED_COMMENT}
+        return {name for name, (_, comment) in self.columns(table).items() if comment == EVOLVED_COMMENT}
 
     def missing_columns(self, table: TableMapping) -> list[tuple[str, str]]:
-        existing = self._columns(table.table)
+        existing = self.columns(table.table)
         return [(c.name, c.clickhouse_type) for c in table.columns if c.name not in existing]
 
     def insert(

@@ -55,6 +55,11 @@ class ColumnMapping:
     def nullable(self) -> bool:
         return unwrap(self.clickhouse_type)[1]
 
+    def of_type(self, clickhouse_type: str) -> ColumnMapping:
+        """This column as one of another type (ValueError for a type outside the allow-list)."""
+        clickhouse_type = canonical_type(clickhouse_type)
+        return ColumnMapping(self.name, clickhouse_type, self.source, *converter_for(clickhouse_type))
+
 
 @dataclass(frozen=True)
 class TableMapping:

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from consumer.core.errors import Poison
 from consumer.decode.envelope import EnvelopeDecoder
 from consumer.decode.registry import SchemaRegistry
-from consumer.sink.clickhouse import ClickHouseSink, connect
+from consumer.sink.clickhouse import EVOLVED_COMMENT, ClickHouseSink, connect
 from consumer.sink.migrate import apply_migrations
 from consumer.transform.mapping import Mapper, MappingError, NewColumns, load_mapping
 from tests.fakes import LogSource, log_pipeline, run_until_committed
@@ -224,9 +224,10 @@ class Oracle:
     """Decode + map as the pipeline does, evolution included (widened tables, the cap), without
     ClickHouse: what the pipeline must make of each message of a partition, in order."""
 
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: Registry, sink: ClickHouseSink | None = None):
         self.decoder = EnvelopeDecoder(SchemaRegistry(registry.url, timeout=5))
         self.mapper = Mapper(load_mapping())
+        self.sink = sink  # what earlier runs left in ClickHouse: evolved columns and their types
         self.evolved: dict[str, set[str]] = {}
 
     def outcome(self, table_name: str, value: bytes, offset: int) -> str | None:
@@ -244,11 +245,14 @@ class Oracle:
         try:
             self.mapper.rows(table, event, offset)
         except NewColumns as change:
-            wanted = self.evolved.get(table.table, set()) | {c.name for c in change.columns}
+            stored = self.sink.columns(table.table) if self.sink else {}
+            evolved = {name for name, (_, comment) in stored.items() if comment == EVOLVED_COMMENT}
+            wanted = evolved | self.evolved.get(table.table, set()) | {c.name for c in change.columns}
             if len(wanted) > MAX_EVOLVED_COLUMNS:
                 raise MappingError("too_many_new_columns", "over the cap") from None
             self.evolved[table.table] = wanted
-            widened = change.table.with_columns(change.columns)
+            added = [c.of_type(stored[c.name][0]) if c.name in stored else c for c in change.columns]
+            widened = change.table.with_columns(added)
             self.mapper.mapping = self.mapper.mapping.replaced(widened)
             self.mapper.rows(widened, event, offset)
 
@@ -323,7 +327,8 @@ def pipeline_run(registry: Registry, clickhouse, mutants: list[tuple[str, bytes]
     partition = next(_partitions)
     logs: dict[tuple[str, int], list[bytes]] = {}
     expected: dict[tuple[str, int, int], tuple[str, str | None]] = {}
-    oracle = Oracle(registry)
+    sink = ClickHouseSink(clickhouse)
+    oracle = Oracle(registry, sink)
     for table, value, expect in queue:
         log = logs.setdefault((TOPICS[table], partition), [])
         offset = len(log)
@@ -339,7 +344,7 @@ def pipeline_run(registry: Registry, clickhouse, mutants: list[tuple[str, bytes]
     pipeline = log_pipeline(
         source,
         EnvelopeDecoder(SchemaRegistry(registry.url, timeout=5)),
-        ClickHouseSink(clickhouse),
+        sink,
         poison_breaker_min_messages=0,
         max_evolved_columns=MAX_EVOLVED_COLUMNS,
     )

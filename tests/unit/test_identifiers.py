@@ -204,3 +204,13 @@ def test_the_mapper_checks_both_images() -> None:
     with pytest.raises(MappingError) as error:
         Mapper(mapping).rows(table, delete, 1)
     assert error.value.error_class == "bad_identifier"
+
+
+def test_a_column_another_consumer_added_keeps_its_type(clickhouse) -> None:
+    """Found by the fuzz suite: a column added as String by an earlier consumer, then met with an
+    integer by a consumer started afresh, was inserted as Int64 into the String column, and
+    retried for ever."""
+    run(clickhouse, [advertiser_change(1, 100, tier="gold")])
+    run(clickhouse, [advertiser_change(2, 101, tier=7)], partition=1)
+    rows = clickhouse.query("SELECT id, tier FROM dim_advertiser FINAL ORDER BY id").result_rows
+    assert rows == [(1, "gold"), (2, "7")]

@@ -14,6 +14,9 @@ class EvolvingSink(FakeSink):
     def evolved_columns(self, table):
         return {name for name, _ in getattr(self, "added", ())}
 
+    def columns(self, table):
+        return {name: (column_type, "") for name, column_type in getattr(self, "added", ())}
+
 
 def test_a_schema_change_mid_poll_commits_only_what_was_written() -> None:
     source = FakeSource(end=3)  # one poll returns offsets 0, 1, 2: the position is then 3
