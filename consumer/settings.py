@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BeforeValidator, Field, SecretStr, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -31,7 +31,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from consumer.core.secrets import redact_url
+from consumer.core.secrets import hide_password, redact_url
 
 ENV_PREFIX = "CDC_"
 SECRET_FILE_MAX_BYTES = 64 * 2**10
@@ -231,6 +231,9 @@ class Settings(BaseSettings):
     latest_rows_kept: int = Field(10_000, ge=0)
     # ... and at most this many bytes of them per partition (the rows carry the TOASTed values).
     latest_rows_max_bytes: int = Field(32 * 2**20, ge=0)
+    # Columns schema evolution (extra_columns = "add") may add to one table, over its life: a
+    # change that would add more is dead-lettered (too_many_new_columns), the table left as it is.
+    max_evolved_columns: int = Field(100, ge=0)
 
     @classmethod
     def settings_customise_sources(
@@ -256,7 +259,24 @@ class Settings(BaseSettings):
 
     def __repr_args__(self):
         for name, value in super().__repr_args__():
-            yield name, redact_url(value) if isinstance(value, str) else value
+            if isinstance(value, str):
+                value = redact_url(hide_password(value) if name.endswith(("_url", "_dsn")) else value)
+            yield name, value
+
+    @field_validator("clickhouse_url", "schema_registry_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        try:
+            parts = urlsplit(url)
+            scheme, host, _ = parts.scheme, parts.hostname, parts.port
+        except ValueError:
+            scheme = host = None
+        if scheme not in ("http", "https") or not host:
+            # Raised bare of the value: pydantic's own message would quote the URL as given.
+            raise ValueError(f"must be http(s)://host[:port][/path], not {hide_password(url)!r}")
+        return url
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -3,6 +3,8 @@ a decoder, a mapper and a dead-letter queue, each with the public interface the 
 
 from __future__ import annotations
 
+import time
+
 from consumer.engine.bounds import Bounds
 from consumer.engine.pipeline import Pipeline, PipelineConfig
 from consumer.sink.clickhouse import AppliedOffsets
@@ -166,3 +168,80 @@ def fake_pipeline(
         config=PipelineConfig(poll_timeout_s=0, **config),
         bounds=bounds,
     )
+
+
+class LogSource:
+    """Partition logs given as lists of message values ({(topic, partition): [value, …]}, the
+    offset being the index), with the interface of consumer.kafka.source.KafkaSource."""
+
+    def __init__(self, logs: dict[tuple[str, int], list[bytes | None]]):
+        self.logs = logs
+        self.next = dict.fromkeys(logs, 0)
+        self.paused: set[tuple[str, int]] = set()
+        self.committed: dict[tuple[str, int], int] = {}
+        self.assign_cb = None
+
+    def start(self):
+        self.assign_cb(list(self.logs))
+
+    def poll(self, max_messages, timeout):
+        out = []
+        for partition, values in self.logs.items():
+            while partition not in self.paused and self.next[partition] < len(values) and len(out) < max_messages:
+                offset = self.next[partition]
+                out.append(FakeMessage(offset, partition[1], partition[0], values[offset]))
+                self.next[partition] += 1
+        return out
+
+    def position(self, partition):
+        return self.next[partition]
+
+    def commit(self, offsets):
+        self.committed.update(offsets)
+        return True
+
+    def pause(self, partitions):
+        self.paused.update(partitions)
+
+    def resume(self, partitions):
+        self.paused.difference_update(partitions)
+
+    def seek(self, partition, offset):
+        self.next[partition] = offset
+
+    def close(self):
+        pass
+
+    @property
+    def done(self) -> bool:
+        """Every message committed."""
+        return all(self.committed.get(p) == len(values) for p, values in self.logs.items())
+
+
+def log_pipeline(source: LogSource, decoder, sink, mapper: Mapper | None = None, **config) -> Pipeline:
+    """A Pipeline of real parts (decoder, mapper, sink) over partition logs, dead-lettering into
+    a DeadLetters."""
+
+    def factory(on_assign, on_revoke, on_lost):
+        source.assign_cb = on_assign
+        return source
+
+    config.setdefault("retry_base_s", 0)
+    return Pipeline(
+        source_factory=factory,
+        decoder=decoder,
+        mapper=mapper or Mapper(load_mapping()),
+        sink=sink,
+        dlq=DeadLetters(),
+        config=PipelineConfig(poll_timeout_s=0, **config),
+    )
+
+
+def run_until_committed(pipeline: Pipeline, source: LogSource, timeout_s: float = 60.0) -> None:
+    source.start()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pipeline.step()
+        if source.done:
+            return
+    raise AssertionError(f"not every message was committed: {source.committed} of {source.next}")

@@ -66,6 +66,7 @@ def build_pipeline(settings: Settings, topics: list[str] | None = None, bounds: 
             server_decode=settings.server_decode,
             latest_rows_kept=settings.latest_rows_kept,
             latest_rows_max_bytes=settings.latest_rows_max_bytes,
+            max_evolved_columns=settings.max_evolved_columns,
             poison_breaker_share=settings.poison_breaker_share,
             poison_breaker_min_messages=settings.poison_breaker_min_messages,
             poison_breaker_window_s=settings.poison_breaker_window_s,

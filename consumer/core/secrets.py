@@ -21,3 +21,24 @@ _CREDENTIALS_IN_URL = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'
 def redact_url(text: str) -> str:
     """`text` with the password of every `scheme://user:password@` in it replaced by `***`."""
     return _CREDENTIALS_IN_URL.sub(lambda m: f"{m.group('head')}{REDACTED}@", text)
+
+
+def hide_password(url: str) -> str:
+    """One URL as given (any scheme, or none, spaces and all) with everything between its user
+    name and its last "@" replaced by `***`: for a URL that `redact_url`'s pattern may not
+    recognise, such as one with a bad scheme or an unescaped space in the password."""
+    userinfo, at, rest = url.rpartition("@")
+    if not at:
+        return url
+    scheme, separator, credentials = userinfo.rpartition("://")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{separator}{user}:{REDACTED}@{rest}"
+
+
+def redact_secrets(text: str, *secrets: str | None) -> str:
+    """`text` through `redact_url`, with every occurrence of the given secrets (a URL as given, a
+    password) replaced too: whatever a library made of them, they are not in it."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, hide_password(secret) if "@" in secret else REDACTED)
+    return redact_url(text)

@@ -73,6 +73,7 @@ from fastavro import schemaless_reader
 from consumer.core.errors import DecodeError
 from consumer.core.types import DEFAULT_TOAST_PLACEHOLDER, UNCHANGED_TOAST, ChangeEvent
 from consumer.decode.avro_schema import image_records, named_types, only_branch, resolve
+from consumer.decode.limits import MAX_DECIMAL_SCALE, check_depth, check_scale, may_be_deeper
 from consumer.decode.registry import SchemaRegistry
 
 __all__ = ["EnvelopeDecoder"]
@@ -172,17 +173,23 @@ def _json_decimal(scale: int) -> Callable[[Any], Decimal]:
             return _decimal(int.from_bytes(_b64(v), "big", signed=True), scale)
         if type(v) is bool or not isinstance(v, int | Decimal):
             raise TypeError(f"a Decimal is base64 or a number, not {type(v).__name__}")
-        return Decimal(v).quantize(quantum, context=_EXACT)  # decimal.format=NUMERIC
+        number = Decimal(v)
+        # Quantizing 1E+999999999 exactly would write out a billion digits.
+        if not number.is_finite() or abs(number.adjusted()) > MAX_DECIMAL_SCALE:
+            raise ValueError(f"{_short(v)} is beyond ±1E{MAX_DECIMAL_SCALE}")
+        return number.quantize(quantum, context=_EXACT)  # decimal.format=NUMERIC
 
     return conv
 
 
 def _avro_variable_scale_decimal(v: dict[str, Any]) -> Decimal:
-    return _decimal(int.from_bytes(v["value"], "big", signed=True), v["scale"])
+    scale = check_scale(v["scale"], "VariableScaleDecimal")
+    return _decimal(int.from_bytes(v["value"], "big", signed=True), scale)
 
 
 def _json_variable_scale_decimal(v: dict[str, Any]) -> Decimal:
-    return _decimal(int.from_bytes(_b64(v["value"]), "big", signed=True), v["scale"])
+    scale = check_scale(v["scale"], "VariableScaleDecimal")
+    return _decimal(int.from_bytes(_b64(v["value"]), "big", signed=True), scale)
 
 
 # Connect / Debezium semantic name -> converter of the underlying value. Connect's own Date, Time,
@@ -447,10 +454,10 @@ class _PlanBuilder:
 
 
 def _scale(t: dict[str, Any]) -> int:
+    """A Connect Decimal's scale (Connect writes its parameters as strings), within the limit."""
     params = t.get("connect.parameters") if "connect.parameters" in t else t.get("parameters")
-    if isinstance(params, dict) and "scale" in params:
-        return int(params["scale"])
-    return int(t.get("scale", 0))
+    scale = params["scale"] if isinstance(params, dict) and "scale" in params else t.get("scale", 0)
+    return check_scale(int(scale), "Connect Decimal")
 
 
 # -- the decoder --------------------------------------------------------------------------------
@@ -565,6 +572,8 @@ class EnvelopeDecoder:
             raise DecodeError("corrupt_avro", f"Avro body does not match schema id {schema_id}: {e!r}") from None
         except OverflowError as e:  # a logical type fastavro converts (e.g. date) is out of range
             raise DecodeError("bad_logical_value", f"schema id {schema_id}: {e}") from None
+        except UnicodeDecodeError as e:  # surrogates too: UTF-8 has none
+            raise DecodeError("invalid_utf8", f"a string of schema id {schema_id} is not UTF-8: {e}") from None
         except Exception as e:  # UnicodeDecodeError, ValueError, MemoryError on a huge length, ...
             raise DecodeError("corrupt_avro", f"Avro body does not decode with schema id {schema_id}: {e!r}") from None
         if buf.tell() != len(value):
@@ -586,7 +595,9 @@ class EnvelopeDecoder:
         try:
             before, after = self._builder.avro_envelope(schema)
             plan = _EnvelopePlan(before, after, schema)
-        except (KeyError, ValueError, TypeError) as e:
+        except DecodeError as e:
+            plan = DecodeError(e.error_class, f"schema id {schema_id}: {e.reason}")
+        except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
             plan = DecodeError("invalid_writer_schema", f"schema id {schema_id}: cannot compile a plan: {e!r}")
         self._avro_plans[schema_id] = plan
         return plan
@@ -606,21 +617,28 @@ class EnvelopeDecoder:
                 if plan is None:
                     try:
                         schema = json.loads(key[len(_JSON_SCHEMA_PREFIX) :])
-                    except ValueError:
+                    except (ValueError, RecursionError):
                         schema = None
                     else:
                         plan = self._store_json_plan(key, schema)
                 if plan is not None:
+                    text = value[cut + len(_JSON_PAYLOAD_SEP) : -1]
                     try:
-                        payload = json.loads(value[cut + len(_JSON_PAYLOAD_SEP) : -1], parse_float=Decimal)
-                    except ValueError:
+                        payload = json.loads(text, parse_float=Decimal)
+                    except (ValueError, RecursionError):
                         pass  # the general path reports the error on the whole value
                     else:
+                        if may_be_deeper(text):
+                            check_depth(payload, "the JSON payload")
                         return payload, plan
         try:
             doc = json.loads(value, parse_float=Decimal)
-        except (ValueError, RecursionError) as e:
+        except RecursionError:
+            raise DecodeError("too_deep", "the JSON value nests too deep to parse") from None
+        except ValueError as e:
             raise DecodeError("invalid_json", f"invalid JSON: {e}") from None
+        if may_be_deeper(value):
+            check_depth(doc, "the JSON value")
         if isinstance(doc, dict) and "schema" in doc and "payload" in doc:
             schema = doc["schema"]
             if schema is None:
@@ -631,6 +649,7 @@ class EnvelopeDecoder:
         return doc, _SCHEMALESS
 
     def _store_json_plan(self, key: bytes | str, schema: Any) -> _EnvelopePlan:
+        check_depth(schema, "the embedded Connect schema")
         try:
             before, after = self._builder.json_envelope(schema)
         except (KeyError, ValueError, TypeError, AttributeError) as e:
@@ -668,6 +687,8 @@ class EnvelopeDecoder:
                 f"no 'op' in a value with fields {sorted(envelope)[:12]} "
                 "(a heartbeat, transaction-metadata or other non-change message?)",
             )
+        if type(op) is not str:
+            raise DecodeError("unsupported_op", f"op {_short(op)} is not a string")
         if op in _NO_CHANGE_OPS:
             return None
         if op not in _OPS:

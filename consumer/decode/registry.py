@@ -33,7 +33,8 @@ from fastavro import parse_schema
 from pydantic import SecretStr
 
 from consumer.core.errors import DecodeError, RegistryUnavailable
-from consumer.core.secrets import redact_url
+from consumer.core.secrets import hide_password, redact_secrets
+from consumer.decode.limits import check_depth, check_scale
 
 __all__ = ["SchemaRegistry", "parse_writer_schema"]
 
@@ -71,7 +72,7 @@ def _normalize(node: Any) -> Any:
     if logical in _CONNECT_TEMPORAL and out.get("connect.name") == _CONNECT_TEMPORAL[logical]:
         del out["logicalType"]
     elif logical == "decimal" and out.get("type") in ("bytes", "fixed"):
-        precision, scale = out.get("precision"), out.get("scale", 0)
+        precision, scale = out.get("precision"), check_scale(out.get("scale", 0), f"field {out.get('name')!r}")
         valid = isinstance(precision, int) and isinstance(scale, int) and precision > 0 and 0 <= scale <= precision
         if not valid:
             del out["logicalType"]
@@ -100,7 +101,14 @@ class SchemaRegistry:
         ca_cert: Path | None = None,
         unknown_id_ttl_s: float = UNKNOWN_ID_TTL_S,
     ) -> None:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises for a port that is not a number
+        except ValueError:
+            # Without the parser's words: they quote the part it choked on, which may be the password.
+            raise ValueError(f"schema registry URL {hide_password(url)!r} is not a URL (a bad host or port)") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"schema registry URL must be http(s)://host[:port][/path], not {hide_password(url)!r}")
         if parts.username is not None:
             if user is not None or token is not None:
                 raise ValueError("schema registry credentials given both in the URL and apart from it")
@@ -109,6 +117,8 @@ class SchemaRegistry:
         if token is not None and user is not None:
             raise ValueError("schema registry: a token or a user and password, not both")
         self.url = urlunsplit(parts).rstrip("/")
+        # Whatever a library makes of them, these never reach an error's text.
+        self._secrets = (url, _reveal(password), _reveal(token))
         self.timeout = timeout
         self._session = session or requests.Session()
         if user is not None:
@@ -145,6 +155,9 @@ class SchemaRegistry:
     def close(self) -> None:
         self._session.close()
 
+    def _redacted(self, text: str) -> str:
+        return redact_secrets(text, *self._secrets)
+
     # -- fetching -------------------------------------------------------------------------
 
     def _load(self, schema_id: int) -> dict[str, Any] | _Permanent:
@@ -176,10 +189,15 @@ class SchemaRegistry:
             self._parse(ref_body, ref_what, named, seen)
         try:
             raw = json.loads(text)
+        except RecursionError:
+            raise _Permanent("too_deep", f"{what} nests too deep to parse") from None
         except ValueError as e:
             raise _Permanent("invalid_writer_schema", f"{what} is not valid JSON: {e}") from None
         try:
+            check_depth(raw, what)
             return parse_writer_schema(raw, named)
+        except DecodeError as e:  # a limit of consumer.decode.limits
+            raise _Permanent(e.error_class, e.reason) from None
         except Exception as e:  # fastavro raises SchemaParseException, UnknownType, ValueError, ...
             raise _Permanent("invalid_writer_schema", f"fastavro cannot parse {what}: {e}") from None
 
@@ -195,10 +213,10 @@ class SchemaRegistry:
             content = response.raw.read(MAX_RESPONSE_BYTES + 1, decode_content=True)
         except requests.Timeout as e:
             raise RegistryUnavailable(
-                redact_url(f"schema registry timed out after {self.timeout}s: GET {url}: {e}")
+                self._redacted(f"schema registry timed out after {self.timeout}s: GET {url}: {e}")
             ) from e
         except requests.RequestException as e:
-            raise RegistryUnavailable(redact_url(f"schema registry unreachable: GET {url}: {e}")) from e
+            raise RegistryUnavailable(self._redacted(f"schema registry unreachable: GET {url}: {e}")) from e
         status = response.status_code
         if len(content) > MAX_RESPONSE_BYTES:
             raise _Permanent(
@@ -213,7 +231,7 @@ class SchemaRegistry:
             if isinstance(body, dict) and ("error_code" in body or "not found" in str(body).lower()):
                 raise DecodeError(
                     "unknown_schema_id",
-                    redact_url(
+                    self._redacted(
                         f"{what} not found in the registry at {self.url} "
                         f"(error_code {body.get('error_code')}: {body.get('message')})"
                     ),
@@ -221,15 +239,17 @@ class SchemaRegistry:
             # A 404 that is not the registry's own answer: most likely a wrong base URL
             # (e.g. missing /apis/ccompat/v7). Not the message's fault.
             raise RegistryUnavailable(
-                redact_url(
+                self._redacted(
                     f"GET {url} -> 404 without a registry error body ({_short(response.text)}); "
                     "is the registry URL right?"
                 )
             )
         if status != 200:
-            raise RegistryUnavailable(redact_url(f"GET {url} -> HTTP {status}: {_short(response.text)}"))
+            raise RegistryUnavailable(self._redacted(f"GET {url} -> HTTP {status}: {_short(response.text)}"))
         if not isinstance(body, dict):
-            raise RegistryUnavailable(redact_url(f"GET {url} -> 200 but not a JSON object: {_short(response.text)}"))
+            raise RegistryUnavailable(
+                self._redacted(f"GET {url} -> 200 but not a JSON object: {_short(response.text)}")
+            )
         return body
 
 

@@ -39,7 +39,7 @@ from consumer.ops import metrics
 from consumer.sink.clickhouse import ClickHouseSink, LatestRows
 from consumer.sink.refusals import first_line, refused_for_data
 from consumer.sink.server_plan import for_sink
-from consumer.transform.mapping import Mapper, Mapping, NewColumns, TableMapping
+from consumer.transform.mapping import ColumnMapping, Mapper, Mapping, NewColumns, TableMapping
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class PipelineConfig:
     poison_breaker_share: float = 0.5  # consumer.engine.breaker
     poison_breaker_min_messages: int = 100
     poison_breaker_window_s: float = 60.0
+    max_evolved_columns: int = 100  # per table, over its life (consumer.settings)
 
 
 class Pipeline:
@@ -343,23 +344,57 @@ class Pipeline:
         """The source table gained columns: flush every batch of the old shape, add the columns
         in ClickHouse, and carry on with the wider mapping — no restart."""
         name = change.table.table
+        self._check_evolution_cap(change)
         for partition, state in self.partitions.items():
             if state.batch.table.table == name and not self._flush(partition):
                 raise BlockingIOError(f"{name}: batches must be written before its columns change")
         try:
-            self.sink.add_columns(name, [(c.name, c.clickhouse_type) for c in change.columns])
+            self.sink.add_columns(name, [(c.name, c.clickhouse_type) for c in change.columns], evolved=True)
         except Exception as exc:
             if refused_for_data(exc):
                 raise MappingError(
                     "bad_new_column", f"{name}: ClickHouse refused {change}: {first_line(exc)}"
                 ) from None
             raise BlockingIOError(f"{name}: cannot add columns now ({first_line(exc)})") from exc
-        widened = change.table.with_columns(change.columns)
+        widened = change.table.with_columns(self._as_stored(name, change.columns))
         self.mapper.mapping = self.mapping.replaced(widened)
         for state in self.partitions.values():
             if state.batch.table.table == name:
                 state.batch = PartitionBatch(widened, state.batch.topic, state.batch.partition)
         return widened
+
+    def _as_stored(self, table: str, columns: list[ColumnMapping]) -> list[ColumnMapping]:
+        """The added columns with the types ClickHouse gave them: a column another consumer (or
+        this one before a restart) added first keeps the type it was added with, whatever the
+        value that found it missing this time. MappingError for a type the mapping cannot hold."""
+        try:
+            stored = self.sink.columns(table)
+        except Exception as exc:
+            raise BlockingIOError(f"{table}: cannot read its columns now ({first_line(exc)})") from exc
+        widened = []
+        for column in columns:
+            stored_type = stored.get(column.name, (column.clickhouse_type, ""))[0]
+            try:
+                widened.append(column if stored_type == column.clickhouse_type else column.of_type(stored_type))
+            except ValueError as exc:
+                raise MappingError("bad_new_column", f"{table}.{column.name}: {exc}") from None
+        return widened
+
+    def _check_evolution_cap(self, change: NewColumns) -> None:
+        """MappingError("too_many_new_columns") when the change would take the table beyond the
+        columns evolution may add to it (counted in ClickHouse, so across restarts)."""
+        name = change.table.table
+        try:
+            evolved = self.sink.evolved_columns(name)
+        except Exception as exc:
+            raise BlockingIOError(f"{name}: cannot read its columns now ({first_line(exc)})") from exc
+        wanted = evolved | {c.name for c in change.columns}
+        if len(wanted) > self.config.max_evolved_columns:
+            raise MappingError(
+                "too_many_new_columns",
+                f"{change} would make {len(wanted)} columns added by schema evolution, more than "
+                f"CDC_MAX_EVOLVED_COLUMNS={self.config.max_evolved_columns}; the table is left as it is",
+            )
 
     # -- flushing ---------------------------------------------------------------------------
     def _flush(self, partition: Partition, alone: bool = False) -> bool:

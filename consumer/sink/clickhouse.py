@@ -19,11 +19,16 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 from pydantic import SecretStr
 
-from consumer.core.secrets import redact_url
+from consumer.core.identifiers import check_identifier, quote
+from consumer.core.secrets import hide_password, redact_secrets
 from consumer.sink.migrate import applied_offsets
+from consumer.transform.clickhouse_types import canonical_type, sql_string
 from consumer.transform.mapping import KEEP_PREVIOUS, TableMapping
 
 log = logging.getLogger(__name__)
+
+# The comment schema evolution gives the columns it adds: they are counted by it.
+EVOLVED_COMMENT = "cdc: added by schema evolution"
 
 # Each insert is synchronous and deduplicated by its token: a retried batch is dropped by
 # ClickHouse (with non_replicated_deduplication_window on the table and its MV targets).
@@ -80,14 +85,19 @@ def connect(
         path = embedded_path or Path(".cdc-clickhouse")
         path.mkdir(parents=True, exist_ok=True)
         return clickhouse_connect.get_client(interface="chdb", path=str(path), database=database)
-    parsed = urlparse(url)
+    shown = hide_password(url)
+    try:
+        parsed = urlparse(url)
+        port = parsed.port
+    except ValueError:  # without the parser's words: they quote the part it choked on, maybe the password
+        raise ValueError(f"CDC_CLICKHOUSE_URL {shown!r} is not a URL (a bad host or port)") from None
     if parsed.scheme not in ("http", "https"):
-        raise ValueError(redact_url(f"CDC_CLICKHOUSE_URL must be http(s)://host:port[/database], not {url!r}"))
+        raise ValueError(f"CDC_CLICKHOUSE_URL must be http(s)://host:port[/database], not {shown!r}")
     if isinstance(password, SecretStr):
         password = password.get_secret_value()
     options = {
         "host": parsed.hostname,
-        "port": parsed.port or (8443 if parsed.scheme == "https" else 8123),
+        "port": port or (8443 if parsed.scheme == "https" else 8123),
         "username": user or unquote(parsed.username or "default"),
         "password": password if password is not None else unquote(parsed.password or ""),
         "secure": parsed.scheme == "https",
@@ -104,14 +114,17 @@ def connect(
             if path is not None
         )
     database = database or parsed.path.strip("/") or None
+    if database:
+        check_identifier(database, "CDC_CLICKHOUSE_URL's database")
     try:
         if database:
             # The consumer owns its database: create it on first start, like its tables.
-            clickhouse_connect.get_client(**options).command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+            clickhouse_connect.get_client(**options).command(f"CREATE DATABASE IF NOT EXISTS {quote(database)}")
         return clickhouse_connect.get_client(**options, database=database)
     except Exception as exc:
         # Re-raised without the original: its text and its chain may hold the URL as given.
-        raise ConnectionError(redact_url(f"cannot connect to ClickHouse at {url}: {exc}")) from None
+        text = redact_secrets(f"cannot connect to ClickHouse at {shown}: {exc}", url, options["password"])
+        raise ConnectionError(text) from None
 
 
 class AppliedOffsets:
@@ -200,7 +213,7 @@ class ClickHouseSink:
             f"""
             SELECT _partition, min(o), max(o) FROM (
                 SELECT _partition, o, toInt64(o) - toInt64(row_number() OVER (PARTITION BY _partition ORDER BY o)) AS run
-                FROM (SELECT DISTINCT _partition, _offset AS o FROM {table} WHERE _topic = {{topic:String}} AND ({condition}))
+                FROM (SELECT DISTINCT _partition, _offset AS o FROM {quote(table)} WHERE _topic = {{topic:String}} AND ({condition}))
             ) GROUP BY _partition, run""",
             parameters={"topic": topic},
         )
@@ -209,20 +222,34 @@ class ClickHouseSink:
             runs.setdefault(int(p), []).append((int(lo), int(hi)))
         return {p: AppliedOffsets(r) for p, r in runs.items()}
 
-    def add_columns(self, table: str, columns: list[tuple[str, str]]) -> None:
-        """Schema evolution: new columns, idempotently (another consumer may have added them)."""
-        for name, clickhouse_type in columns:
-            log.info("ALTER TABLE %s ADD COLUMN %s %s", table, name, clickhouse_type)
-            self.client.command(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS `{name}` {clickhouse_type}")
+    def add_columns(self, table: str, columns: list[tuple[str, str]], evolved: bool = False) -> None:
+        """New columns, idempotently (another consumer may have added them): the mapping's, or,
+        `evolved`, those schema evolution adds (marked so by their comment). Every name is checked
+        and quoted, every type parsed (consumer.core.identifiers, canonical_type)."""
+        comment = f" COMMENT {sql_string(EVOLVED_COMMENT)}" if evolved else ""
+        statements = [
+            f"ALTER TABLE {quote(table, 'table')} ADD COLUMN IF NOT EXISTS {quote(name, 'column')} "
+            f"{canonical_type(clickhouse_type)}{comment}"
+            for name, clickhouse_type in columns
+        ]
+        for statement in statements:
+            log.info("%s", statement)
+            self.client.command(statement)
+
+    def columns(self, table: str) -> dict[str, tuple[str, str]]:
+        """name → (type, comment) of the table's columns."""
+        rows = self.client.query(
+            "SELECT name, type, comment FROM system.columns WHERE database = currentDatabase() AND table = {t:String}",
+            parameters={"t": table},
+        ).result_rows
+        return {name: (column_type, comment) for name, column_type, comment in rows}
+
+    def evolved_columns(self, table: str) -> set[str]:
+        """The columns schema evolution added to the table."""
+        return {name for name, (_, comment) in self.columns(table).items() if comment == EVOLVED_COMMENT}
 
     def missing_columns(self, table: TableMapping) -> list[tuple[str, str]]:
-        existing = {
-            row[0]
-            for row in self.client.query(
-                "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = {t:String}",
-                parameters={"t": table.table},
-            ).result_rows
-        }
+        existing = self.columns(table.table)
         return [(c.name, c.clickhouse_type) for c in table.columns if c.name not in existing]
 
     def insert(
@@ -288,12 +315,13 @@ class ClickHouseSink:
 
     def _live_facts(self, table: TableMapping, values: list[str], keys: set[tuple]) -> dict[tuple, tuple]:
         """key → current image of the live facts among `keys` (sum of signs > 0)."""
-        key_list = ", ".join(table.key)
+        key_list = _column_list(table.key)
         width = len(table.key)
         live = {}
         for condition, parameters in _in_conditions(table, keys):
             result = self.client.query(
-                f"SELECT {key_list}, argMaxIf(tuple({', '.join(values)}), _offset, _sign > 0) FROM {table.table} "
+                f"SELECT {key_list}, argMaxIf(tuple({_column_list(values)}), _offset, _sign > 0) "
+                f"FROM {quote(table.table)} "
                 f"WHERE {condition} GROUP BY {key_list} HAVING sum(_sign) > 0",
                 parameters=parameters,
             )
@@ -352,11 +380,11 @@ class ClickHouseSink:
 
     def _newest_versions(self, table: TableMapping, keys: set[tuple]) -> dict[tuple, int]:
         """key → the highest _version ClickHouse holds for it, delete markers included."""
-        key_list = ", ".join(table.key)
+        key_list = _column_list(table.key)
         newest: dict[tuple, int] = {}
         for condition, parameters in _in_conditions(table, keys):
             result = self.client.query(
-                f"SELECT {key_list}, max(_version) FROM {table.table} WHERE {condition} GROUP BY {key_list}",
+                f"SELECT {key_list}, max(_version) FROM {quote(table.table)} WHERE {condition} GROUP BY {key_list}",
                 parameters=parameters,
             )
             for record in result.result_rows:
@@ -365,12 +393,12 @@ class ClickHouseSink:
 
     def _latest_rows(self, table: TableMapping, column_names: list[str], keys: set[tuple]) -> dict[tuple, tuple]:
         value_columns = [c for c in column_names if c not in table.key]
-        key_list = ", ".join(table.key)
-        selected = ", ".join([*table.key, *(f"argMax({c}, _version)" for c in value_columns)])
+        key_list = _column_list(table.key)
+        selected = ", ".join([*map(quote, table.key), *(f"argMax({quote(c)}, _version)" for c in value_columns)])
         latest = {}
         for condition, parameters in _in_conditions(table, keys):
             result = self.client.query(
-                f"SELECT {selected} FROM {table.table} WHERE {condition} AND _is_deleted = 0 GROUP BY {key_list}",
+                f"SELECT {selected} FROM {quote(table.table)} WHERE {condition} AND _is_deleted = 0 GROUP BY {key_list}",
                 parameters=parameters,
             )
             for record in result.result_rows:
@@ -400,7 +428,7 @@ KEYS_PER_QUERY = 2_000  # query parameters travel as HTTP form fields, which hav
 
 def _in_conditions(table: TableMapping, keys: set[tuple]) -> list[tuple[str, dict]]:
     """`key IN {keys}` conditions with their parameters, in chunks of KEYS_PER_QUERY keys."""
-    key_list = ", ".join(table.key)
+    key_list = _column_list(table.key)
     ordered = sorted(keys)
     chunks = [ordered[i : i + KEYS_PER_QUERY] for i in range(0, len(ordered), KEYS_PER_QUERY)]
     if len(table.key) == 1:
@@ -409,6 +437,10 @@ def _in_conditions(table: TableMapping, keys: set[tuple]) -> list[tuple[str, dic
         return [(condition, {"keys": [k[0] for k in chunk]}) for chunk in chunks]
     condition = f"({key_list}) IN {{keys:Array(Tuple({_key_types(table)}))}}"
     return [(condition, {"keys": [tuple(k) for k in chunk]}) for chunk in chunks]
+
+
+def _column_list(names) -> str:
+    return ", ".join(map(quote, names))
 
 
 def _key_types(table: TableMapping) -> str:

@@ -29,13 +29,14 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from typing import Any
 
+from consumer.core.identifiers import quote
+
 logger = logging.getLogger(__name__)
 
 MIGRATIONS_TABLE = "_cdc_schema_migrations"
 DEFAULT_DIRECTORY = resources.files("consumer.migrations")
 
 _FILE_RE = re.compile(r"^(\d+)_[A-Za-z0-9_.-]+\.sql$")
-_IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # Settings for the statements the runner sends itself: synchronous, and the bookkeeping row
 # written exactly when the call returns.
@@ -232,10 +233,8 @@ def applied_offsets(client: Any, table: str, topic: str) -> dict[int, int]:
     ``applied_watermarks`` (a few rows per part); the dimension tables are small and scanned.
     Partitions with nothing applied are absent.
     """
-    if not _IDENTIFIER_RE.match(table):
-        raise ValueError(f"not a plain table name: {table!r}")
     rows = client.query(
-        f"SELECT _partition, max(_offset) FROM `{table}` WHERE _topic = {{topic:String}} GROUP BY _partition",
+        f"SELECT _partition, max(_offset) FROM {quote(table, 'table')} WHERE _topic = {{topic:String}} GROUP BY _partition",
         parameters={"topic": topic},
     ).result_rows
     return {int(partition): int(offset) for partition, offset in rows}

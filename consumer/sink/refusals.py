@@ -30,8 +30,9 @@ DATA_ERRORS = frozenset(
 
 def refused_for_data(exc: BaseException) -> bool:
     # The client serializes the rows before sending them: a value that does not fit its column's
-    # wire type (an integer beyond Int64, a string with a lone surrogate) fails here, nothing sent.
-    if isinstance(exc, ValueError | TypeError | OverflowError | struct.error):
+    # wire type (an integer beyond Int64, a string with a lone surrogate, an int for a String
+    # column: AttributeError) fails here, nothing sent.
+    if isinstance(exc, ValueError | TypeError | OverflowError | AttributeError | struct.error):
         return True
     if isinstance(exc, DatabaseError) and not isinstance(exc, OperationalError):
         name = getattr(exc, "name", None) or ""

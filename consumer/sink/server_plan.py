@@ -47,6 +47,7 @@ from typing import Any
 
 from cachetools import LRUCache, TTLCache
 
+from consumer.core.identifiers import is_identifier
 from consumer.decode.avro_schema import fields_by_name, image_records, is_optional, named_types, resolve, strip
 from consumer.sink.clickhouse import INSERT_SETTINGS
 from consumer.transform.clickhouse_types import (
@@ -260,6 +261,9 @@ def _column_expression(column, source: StagingField | None, placeholder: str) ->
     value_checks: list[str] = []  # over x; every one non-NULL by construction
     if source.avro in ("string", "bytes"):
         value_checks.append(f"{x} = {sql_string(placeholder)}")  # unchanged TOAST in a fact
+    if source.avro == "string":
+        # Python's Avro reader refuses what is not UTF-8 (surrogates included), and so must this lane.
+        value_checks.append(f"NOT isValidUTF8({x})")
     decimal = decimal_parameters(inner)
     if inner == "Int64" and source.avro in ("long", "int") and source.logical is None:
         expr = f"toInt64({x})"
@@ -365,6 +369,9 @@ def compile_plan(table: TableMapping, schema_id: int, writer: dict[str, Any], pl
     named = named_types(envelope)
     record = image_record(envelope, named)
     fields = [staging_field(f["name"], f["type"], named) for f in record["fields"]]
+    refused = [f.name for f in fields if not is_identifier(f.name)]
+    if refused:  # the Python lane dead-letters such a change (bad_identifier)
+        raise Unsupported(f"column names that are not identifiers: {refused[:3]}")
     by_name = {f.name: f for f in fields}
     if table.extra_columns == "add" and set(by_name) - table.sources:
         raise Unsupported("the schema has columns the mapping would add")

@@ -16,13 +16,17 @@ import logging
 import tomllib
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
+from functools import cached_property
 from importlib import resources
 from importlib.resources.abc import Traversable
 from typing import Any, Literal
 
+from cachetools import LRUCache
+
 from consumer.core.errors import MappingError
+from consumer.core.identifiers import BadIdentifier, check_identifier, is_identifier
 from consumer.core.types import UNCHANGED_TOAST, ChangeEvent
-from consumer.transform.clickhouse_types import Converter, converter_for, unwrap
+from consumer.transform.clickhouse_types import Converter, OutOfRange, canonical_type, converter_for, unwrap
 from consumer.transform.fact_rules import FACT_RULES
 
 # A column whose new value is "whatever it was": the sink fills in the previous value.
@@ -31,6 +35,12 @@ KEEP_PREVIOUS = UNCHANGED_TOAST
 log = logging.getLogger(__name__)
 
 DEFAULT_MAPPING = resources.files("consumer.transform") / "default_mapping.toml"
+# Decimal places ClickHouse's Decimal(38, S) of an added column can hold.
+MAX_ADDED_DECIMAL_SCALE = 38
+# Unmapped source columns logged once each: bounded, as change events choose the names.
+IGNORED_COLUMNS_KEPT = 10_000
+# A version is UInt128: the LSN in its upper 64 bits.
+MAX_LSN = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,11 @@ class ColumnMapping:
     @property
     def nullable(self) -> bool:
         return unwrap(self.clickhouse_type)[1]
+
+    def of_type(self, clickhouse_type: str) -> ColumnMapping:
+        """This column as one of another type (ValueError for a type outside the allow-list)."""
+        clickhouse_type = canonical_type(clickhouse_type)
+        return ColumnMapping(self.name, clickhouse_type, self.source, *converter_for(clickhouse_type))
 
 
 @dataclass(frozen=True)
@@ -64,9 +79,9 @@ class TableMapping:
     def expected_table(self) -> str:
         return self.source_table or self.topic.rsplit(".", 1)[-1]
 
-    @property
-    def sources(self) -> set[str]:
-        return {c.source for c in self.columns}
+    @cached_property
+    def sources(self) -> frozenset[str]:
+        return frozenset(c.source for c in self.columns)
 
     def with_columns(self, added: list[ColumnMapping]) -> TableMapping:
         return replace(self, columns=self.columns + tuple(added))
@@ -107,39 +122,54 @@ def load_mapping(path: Traversable | None = None, topic_prefix: str = "adtech") 
     tables = []
     for table, spec in document.get("tables", {}).items():
         where = f"mapping {path}, table {table}"
-        if spec.get("role") not in ("dimension", "fact"):
-            raise ValueError(f"{where}: role must be 'dimension' or 'fact', not {spec.get('role')!r}")
-        if "topic" not in spec or not spec.get("columns"):
-            raise ValueError(f"{where}: needs `topic` and `columns`")
-        columns = []
-        for name, column in spec["columns"].items():
-            column_type, source = (
-                (column, name) if isinstance(column, str) else (column["type"], column.get("source", name))
-            )
-            try:
-                columns.append(ColumnMapping(name, column_type, source, *converter_for(column_type)))
-            except ValueError as exc:
-                raise ValueError(f"{where}, column {name}: {exc}") from None
-        key = tuple(spec.get("key", ["id"]))
-        missing_key = set(key) - {c.name for c in columns}
-        if missing_key:
-            raise ValueError(f"{where}: key columns {sorted(missing_key)} are not mapped")
-        extra = spec.get("extra_columns", "ignore")
-        if extra not in ("ignore", "add"):
-            raise ValueError(f"{where}: extra_columns must be 'ignore' or 'add', not {extra!r}")
-        topic = spec["topic"].format(prefix=topic_prefix)
-        source_table = spec.get("source_table", "")
-        tables.append(TableMapping(table, topic, spec["role"], key, tuple(columns), extra, source_table))
+        try:
+            tables.append(_table_mapping(table, spec, where, topic_prefix))
+        except BadIdentifier as exc:
+            raise ValueError(f"{where}: {exc}") from None
     topics = [t.topic for t in tables]
     if len(set(topics)) != len(topics):
         raise ValueError(f"mapping {path}: a topic is mapped to more than one table")
     return Mapping(tuple(tables))
 
 
+def _table_mapping(table: str, spec: dict[str, Any], where: str, topic_prefix: str) -> TableMapping:
+    """One table of a mapping file; every name that reaches SQL is checked, every type parsed."""
+    check_identifier(table, "table")
+    if spec.get("role") not in ("dimension", "fact"):
+        raise ValueError(f"{where}: role must be 'dimension' or 'fact', not {spec.get('role')!r}")
+    if "topic" not in spec or not spec.get("columns"):
+        raise ValueError(f"{where}: needs `topic` and `columns`")
+    columns = []
+    for name, column in spec["columns"].items():
+        check_identifier(name, "column")
+        column_type, source = (
+            (column, name) if isinstance(column, str) else (column["type"], column.get("source", name))
+        )
+        try:
+            column_type = canonical_type(column_type)
+            columns.append(ColumnMapping(name, column_type, source, *converter_for(column_type)))
+        except ValueError as exc:
+            raise ValueError(f"{where}, column {name}: {exc}") from None
+    key = tuple(check_identifier(k, "key column") for k in spec.get("key", ["id"]))
+    missing_key = set(key) - {c.name for c in columns}
+    if missing_key:
+        raise ValueError(f"{where}: key columns {sorted(missing_key)} are not mapped")
+    extra = spec.get("extra_columns", "ignore")
+    if extra not in ("ignore", "add"):
+        raise ValueError(f"{where}: extra_columns must be 'ignore' or 'add', not {extra!r}")
+    topic = spec["topic"].format(prefix=topic_prefix)
+    source_table = spec.get("source_table", "")
+    return TableMapping(table, topic, spec["role"], key, tuple(columns), extra, source_table)
+
+
 def row_version(lsn: int | None, tiebreak: int) -> int:
     """Orders the changes of one key: Postgres' LSN first, the caller's tiebreak (the Kafka
-    offset) second, so a re-snapshot of an unchanged row (same LSN) still never ties."""
-    return ((lsn or 0) << 64) | tiebreak
+    offset) second, so a re-snapshot of an unchanged row (same LSN) still never ties. An LSN
+    outside [0, 2^64) makes no UInt128 version: MappingError("lsn_out_of_range")."""
+    lsn = lsn or 0
+    if not 0 <= lsn <= MAX_LSN:
+        raise MappingError("lsn_out_of_range", f"source.lsn {lsn} is outside [0, 2^64)")
+    return (lsn << 64) | tiebreak
 
 
 class NewColumns(Exception):
@@ -152,7 +182,8 @@ class NewColumns(Exception):
 
 
 def infer_column(name: str, value: Any) -> ColumnMapping | None:
-    """A Nullable ClickHouse column for a new source column, from a decoded value's type."""
+    """A Nullable ClickHouse column for a new source column, from a decoded value's type;
+    MappingError for a decimal with more places than ClickHouse's Decimal(38, S) holds."""
     if isinstance(value, bool):
         inner = "Bool"
     elif isinstance(value, int):
@@ -160,7 +191,14 @@ def infer_column(name: str, value: Any) -> ColumnMapping | None:
     elif isinstance(value, float):
         inner = "Float64"
     elif isinstance(value, Decimal):
-        inner = f"Decimal(38, {max(0, -int(value.as_tuple().exponent))})"
+        exponent = value.as_tuple().exponent
+        scale = max(0, -exponent) if isinstance(exponent, int) else 0
+        if scale > MAX_ADDED_DECIMAL_SCALE:
+            raise MappingError(
+                "decimal_scale_out_of_range",
+                f"new column {name!r}: {scale} decimal places, more than a Decimal(38, S) can hold",
+            )
+        inner = f"Decimal(38, {scale})"
     elif isinstance(value, dt.datetime):
         inner = "DateTime64(6, 'UTC')"
     elif isinstance(value, dt.date):
@@ -179,7 +217,7 @@ class Mapper:
     def __init__(self, mapping: Mapping, truncate_action: Literal["dlq", "skip"] = "dlq"):
         self.mapping = mapping
         self.truncate_action = truncate_action
-        self._ignored: set[tuple[str, str]] = set()
+        self._ignored: LRUCache[tuple[str, str], bool] = LRUCache(IGNORED_COLUMNS_KEPT)
 
     def rows(self, table: TableMapping, event: ChangeEvent, tiebreak: int) -> list[tuple]:
         if event.table != table.expected_table:
@@ -197,7 +235,10 @@ class Mapper:
                 log.warning("TRUNCATE of %s skipped (truncate_action=skip)", event.table)
                 return []
             raise MappingError("truncate", f"TRUNCATE of {event.table} is not applied (truncate_action=dlq)")
+        if event.before:
+            _check_column_names(table, event.before)
         if event.after:
+            _check_column_names(table, event.after)
             self._check_new_columns(table, event.after)
         if table.role == "dimension":
             return [self._dimension_row(table, event, tiebreak)]
@@ -218,7 +259,7 @@ class Mapper:
                 added.append(column)
             elif table.extra_columns == "ignore" or image[name] not in (None, UNCHANGED_TOAST):
                 log.info("%s: source column %r is not mapped; ignored", table.table, name)
-                self._ignored.add((table.table, name))
+                self._ignored[(table.table, name)] = True
         if added:
             raise NewColumns(table, added)
 
@@ -277,10 +318,34 @@ class Mapper:
             return None
         try:
             return column.convert(value)
+        except OutOfRange as exc:
+            raise MappingError(
+                exc.error_class, f"{table.table}.{column.name} ({column.clickhouse_type}): {exc}"
+            ) from None
         except OverflowError as exc:
             raise MappingError("value_out_of_range", f"{table.table}.{column.name}: {exc}") from None
         except (TypeError, ValueError, InvalidOperation, ArithmeticError) as exc:
             raise MappingError("bad_value", f"{table.table}.{column.name} ({column.clickhouse_type}): {exc}") from None
+
+
+def _check_column_names(table: TableMapping, image: dict[str, Any]) -> None:
+    """Every column name of a change event is an identifier (consumer.core.identifiers), so none
+    can reach SQL through schema evolution: the change is dead-lettered whole otherwise. Mapped
+    names were checked when the mapping was read; only the others are looked at."""
+    if image.keys() <= table.sources:
+        return
+    for name in image.keys() - table.sources:
+        if not is_identifier(name):
+            raise MappingError(
+                "bad_identifier",
+                f"{table.table}: the change event carries a column {_shown(name)} that is not an identifier "
+                "([A-Za-z_][A-Za-z0-9_]{0,62}); nothing of it is applied",
+            )
+
+
+def _shown(name: str, limit: int = 80) -> str:
+    text = repr(name)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _require(image: dict[str, Any] | None, event: ChangeEvent, side: str) -> dict[str, Any]:

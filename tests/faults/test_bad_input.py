@@ -183,7 +183,11 @@ def test_bad_input_is_dead_lettered_with_its_reason_and_good_messages_around_it_
         ),
         "empty value (0 bytes)": (b"", "empty_value", ["0 bytes"]),
         "5 MB that does not decode": (garbage_5mb, "invalid_json", ["invalid JSON"]),
-        "decimal of scale 8 (Avro)": (wide_cost.getvalue(), "bad_value", ["cost", "more than 6 decimal places"]),
+        "decimal of scale 8 (Avro)": (
+            wide_cost.getvalue(),
+            "decimal_scale_exceeded",
+            ["cost", "more than 6 decimal places"],
+        ),
         "decimal of scale 8 (JSON)": (
             json.dumps(
                 {
@@ -198,17 +202,17 @@ def test_bad_input_is_dead_lettered_with_its_reason_and_good_messages_around_it_
                     },
                 }
             ).encode(),
-            "bad_value",
+            "decimal_scale_exceeded",
             ["cost", "more than 6 decimal places"],
         ),
         "timestamp after ClickHouse's range": (
             impression_with(created_at="2300-01-01T00:00:00Z"),
-            "value_out_of_range",
+            "datetime_out_of_range",
             ["created_at", "2300-01-01"],
         ),
         "timestamp before ClickHouse's range": (
             impression_with(created_at="1899-12-31T23:59:59Z"),
-            "value_out_of_range",
+            "datetime_out_of_range",
             ["created_at", "1899-12-31"],
         ),
     }

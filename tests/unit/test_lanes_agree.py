@@ -21,6 +21,7 @@ import fastavro
 import pytest
 
 from consumer.core.errors import Poison
+from consumer.decode.avro_schema import strip
 from consumer.decode.envelope import EnvelopeDecoder
 from consumer.decode.registry import parse_writer_schema
 from consumer.sink.clickhouse import connect
@@ -138,3 +139,20 @@ def test_a_change_without_an_image_its_rule_needs_is_refused_by_both_lanes(click
     with pytest.raises(Rejected, match=REFUSED_CHANGE):
         clickhouse_lane(clickhouse, table, writer, value, partition, 1)
     assert _stored(clickhouse, table, partition) == 0
+
+
+@pytest.mark.parametrize("table", FACT_TABLES, ids=lambda t: t.table)
+def test_a_column_name_that_is_no_identifier_is_left_to_python_which_dead_letters_it(table) -> None:
+    from consumer.sink.server_plan import Unsupported, compile_plan
+    from consumer.transform.mapping import MappingError
+
+    writer, value = fixture(table, "c")
+    record = fastavro.schemaless_reader(io.BytesIO(value[5:]), writer)
+    renamed = json.loads(json.dumps(strip(writer)).replace('"name": "id"', '"name": "id` Int8, x"', 1))
+    with pytest.raises(Unsupported, match="not identifiers"):
+        compile_plan(table, 1, renamed, PLACEHOLDER)
+    changed = {**record, "after": {**record["after"], "a`b": 1}}
+    event = EnvelopeDecoder(None).decode(json.dumps(changed, default=str).encode())
+    with pytest.raises(MappingError) as error:
+        Mapper(MAPPING).rows(table, event, tiebreak=1)
+    assert error.value.error_class == "bad_identifier"

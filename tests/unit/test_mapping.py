@@ -90,7 +90,7 @@ def test_unchanged_toast_keeps_the_previous_value_in_dimensions_only() -> None:
 
 @pytest.mark.parametrize(
     ("cost", "error_class"),
-    [("0.0000001", "bad_value"), ("1234567.000000", "bad_value"), (0.5, "bad_value")],
+    [("0.0000001", "decimal_scale_exceeded"), ("1234567.000000", "decimal_out_of_range"), (0.5, "bad_value")],
 )
 def test_decimals_are_exact_or_refused(cost, error_class) -> None:
     value = Decimal(cost) if isinstance(cost, str) else cost
@@ -108,7 +108,7 @@ def test_timestamp_outside_clickhouse_range_is_refused() -> None:
     late = dt.datetime(2400, 1, 1, tzinfo=dt.UTC)
     with pytest.raises(MappingError) as err:
         MAPPER.rows(IMPRESSIONS, event("c", after={**impression(1, "0"), "created_at": late}), 1)
-    assert err.value.error_class == "value_out_of_range"
+    assert err.value.error_class == "datetime_out_of_range"
 
 
 def test_json_without_schema_values_are_converted_by_column_type() -> None:

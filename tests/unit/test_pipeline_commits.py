@@ -8,8 +8,14 @@ from tests.fakes import FakeSink, FakeSource, fake_pipeline
 
 
 class EvolvingSink(FakeSink):
-    def add_columns(self, table, columns):
+    def add_columns(self, table, columns, evolved=False):
         self.added = columns
+
+    def evolved_columns(self, table):
+        return {name for name, _ in getattr(self, "added", ())}
+
+    def columns(self, table):
+        return {name: (column_type, "") for name, column_type in getattr(self, "added", ())}
 
 
 def test_a_schema_change_mid_poll_commits_only_what_was_written() -> None:

@@ -137,6 +137,50 @@ def test_a_clickhouse_url_that_is_not_http_is_a_config_error_without_the_passwor
     assert "must be http(s)" in said and SECRET not in said
 
 
+# URLs the pattern of redact_url alone does not see whole: no scheme, a space, a bad port, an "@"
+# or a "/" in the password, a scheme that is not http.
+ODD_URLS = [
+    f"cdc:{SECRET}@clickhouse:8123",
+    f"http://cdc:{SECRET} x@127.0.0.1:1",
+    f"http://cdc:{SECRET}@clickhouse:port",
+    f"http://cdc:a@{SECRET}@127.0.0.1:1",
+    f"http://cdc:{SECRET}/x@127.0.0.1:1",
+    f"clickhouse://cdc:{SECRET}@clickhouse:9000/db",
+    f"tcp://cdc:{SECRET}@[::1",
+]
+
+
+@pytest.mark.parametrize("url", ODD_URLS)
+def test_no_clickhouse_url_puts_its_password_in_an_error(caplog, url) -> None:
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises((ValueError, ConnectionError)) as error:
+        connect(url)
+    assert SECRET not in everything_said(error.value, caplog)
+    assert SECRET not in settings_said(caplog, clickhouse_url=url)
+
+
+@pytest.mark.parametrize("url", ODD_URLS)
+def test_no_registry_url_puts_its_password_in_an_error(caplog, url) -> None:
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(Exception) as error:
+        SchemaRegistry(url, timeout=1.0).schema(1)
+    assert SECRET not in everything_said(error.value, caplog)
+    assert SECRET not in settings_said(caplog, schema_registry_url=url)
+
+
+def settings_said(caplog, **settings) -> str:
+    """The settings' repr, or the ConfigError they raise."""
+    try:
+        return repr(load_settings(**settings))
+    except ConfigError as error:
+        return everything_said(error, caplog)
+
+
+def test_settings_show_no_password_of_an_odd_url() -> None:
+    settings = load_settings(clickhouse_url=f"http://cdc:{SECRET} x@ch:8123")
+    assert SECRET not in repr(settings) and "cdc:***@ch:8123" in repr(settings)
+
+
 @pytest.mark.parametrize(
     "settings",
     [
