@@ -826,7 +826,7 @@ backend http_{node.shard}
 frontend native_{node.shard}
     mode tcp
     bind {HOST}:{node.tcp_port} ssl crt {bundle}
-    tcp-request inspect-delay 10s
+    tcp-request inspect-delay 5s
     tcp-request content accept if {{ req.payload(0,0),hex -m sub {hello} }}
     tcp-request content reject if WAIT_END
     default_backend native_{node.shard}
