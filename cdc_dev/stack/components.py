@@ -38,6 +38,7 @@ from cdc_dev.stack.layout import (
     KafkaNode,
     StackLayout,
 )
+from cdc_dev.stack.security import write_private
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +79,6 @@ def _http_ok(url: str, ca: Path | None = None) -> bool:
         return requests.get(url, timeout=2, verify=str(ca) if ca else True).status_code == 200
     except requests.RequestException:
         return False
-
-
-def _write_private(path: Path, text: str) -> Path:
-    """A config file holding passwords: readable by its owner only."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    return path
 
 
 def _jaas(user: str, password: str) -> str:
@@ -199,14 +192,14 @@ class Postgres(Component):
             return {}
         return {"user": self.os_user, "group": pwd.getpwnam(self.os_user).pw_gid, "extra_groups": []}
 
-    def _own(self, path: Path, mode: int = 0o700) -> None:
+    def _own(self, path: Path) -> None:
         """Private to the user the server runs as (the `postgres` user under root, else us)."""
         path.mkdir(parents=True, exist_ok=True)
         if self.os_user:
             _allow_traverse(path.parent)
             entry = pwd.getpwnam(self.os_user)
             shutil.chown(path, entry.pw_uid, entry.pw_gid)
-        path.chmod(mode)
+        path.chmod(0o700)
 
     @property
     def superuser_password(self) -> str:
@@ -216,7 +209,7 @@ class Postgres(Component):
     def pgpass(self) -> Path:
         """The passwords of the stack's own tools (psql as `postgres` and as `cdc`), libpq's way."""
         path = self.layout.root / "secrets" / "pgpass"
-        _write_private(
+        write_private(
             path,
             f"*:*:*:postgres:{self.superuser_password}\n*:*:*:{SOURCE_DB_USER}:{self.layout.client_password('postgres')}\n",
         )
@@ -422,7 +415,7 @@ class Kafka(Component):
         replicas = self.layout.kafka_replication_factor
         min_isr = self.layout.kafka_min_insync_replicas
         listener = "SASL_SSL" if self.layout.secure else "PLAINTEXT"
-        path = _write_private(
+        path = write_private(
             self.data_dir / "server.properties",
             f"""\
 process.roles=broker,controller
@@ -574,7 +567,7 @@ class KafkaConnect(Component):
     def _properties(self) -> Path:
         data = self.layout.data("connect")
         data.mkdir(parents=True, exist_ok=True)
-        path = _write_private(
+        path = write_private(
             data / "connect-distributed.properties",
             f"""\
 bootstrap.servers={self.layout.kafka_bootstrap}
@@ -745,7 +738,7 @@ class ClickHouse(Component):
         users = []
         if self.layout.secure:
             data.mkdir(parents=True, exist_ok=True)
-            password = _write_private(data / "client-password", self.layout.client_password("clickhouse"))
+            password = write_private(data / "client-password", self.layout.client_password("clickhouse"))
             users = ["--client-user", CLIENT_USER, "--client-password-file", str(password)]
         self._spawn(
             [
@@ -834,7 +827,7 @@ backend native_{node.shard}
     mode tcp
     server node {HOST}:{node.server_tcp_port}
 """)
-        return _write_private(data / "haproxy.cfg", "".join(sections))
+        return write_private(data / "haproxy.cfg", "".join(sections))
 
     def start(self) -> None:
         self._spawn([str(SECURE_DEBIAN_PACKAGES["haproxy"]), "-db", "-f", str(self.config_file())])

@@ -37,19 +37,21 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
-def _write_private(path: Path, content: bytes) -> None:
-    """Written 0600 from the start: a secret is never readable by others, not even briefly."""
+def write_private(path: Path, content: str | bytes) -> Path:
+    """Written 0600 from the start: a secret (or a config holding one) is never readable by
+    others, not even briefly."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
-        out.write(content)
+        out.write(content.encode() if isinstance(content, str) else content)
     path.chmod(0o600)
+    return path
 
 
 def secret(layout: StackLayout, name: str) -> str:
     path = _private_dir(layout.root / "secrets") / name
     if not path.exists():
         # URL-safe: the value goes into DSNs, JAAS strings and XML without escaping.
-        _write_private(path, random_source.token_urlsafe(24).encode())
+        write_private(path, random_source.token_urlsafe(24).encode())
     return path.read_text().strip()
 
 
@@ -160,15 +162,15 @@ def _generate(made: Certificates) -> None:
     key_pem = server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     store_encryption = serialization.BestAvailableEncryption(made.store_password.encode())
     # The CA's key signs once and is dropped: nothing can issue another certificate from it.
-    _write_private(made.ca, ca_pem)
-    _write_private(made.server_cert, cert_pem + ca_pem)
-    _write_private(made.server_key, key_pem)
-    _write_private(made.server_bundle, cert_pem + ca_pem + key_pem)
-    _write_private(
+    write_private(made.ca, ca_pem)
+    write_private(made.server_cert, cert_pem + ca_pem)
+    write_private(made.server_key, key_pem)
+    write_private(made.server_bundle, cert_pem + ca_pem + key_pem)
+    write_private(
         made.keystore,
         pkcs12.serialize_key_and_certificates(b"server", server_key, server_cert, [ca_cert], store_encryption),
     )
-    _write_private(
+    write_private(
         made.truststore,
         pkcs12.serialize_java_truststore([pkcs12.PKCS12Certificate(ca_cert, b"ca")], store_encryption),
     )
