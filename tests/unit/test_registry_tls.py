@@ -53,5 +53,5 @@ def test_the_registry_ca_wins_over_requests_ca_bundle(https_registry, monkeypatc
     url, ca = https_registry
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", certifi.where())  # public CAs only: not ours
     assert SchemaRegistry(url, ca_cert=ca).schema(1)["name"] == "Row"
-    with pytest.raises(RegistryUnavailable, match="(?i)certificate"):
+    with pytest.raises(RegistryUnavailable, match=r"(?i)certificate"):
         SchemaRegistry(url).schema(1)  # the environment's bundle, which does not know the stack's CA
