@@ -21,9 +21,10 @@ from rich.table import Table
 
 from cdc_dev.generate import GeneratorStats, generate, render_progress
 from cdc_dev.verify import compare
+from consumer.app.clients import clickhouse_client
+from consumer.kafka.client_config import kafka_client_config
 from consumer.kafka.lag import LagReader
 from consumer.settings import Settings
-from consumer.sink.clickhouse import connect
 from consumer.transform.mapping import load_mapping
 
 
@@ -60,8 +61,9 @@ def _lag_table(reader: LagReader, topics: list[str]) -> tuple[Table, int]:
 def run_demo(settings: Settings, rate: float, duration: float, seed: int, log_file: Path) -> bool:
     console = Console()
     topics = load_mapping(settings.mapping_file, settings.topic_prefix).topics
-    client = connect(settings.clickhouse_url, settings.clickhouse_embedded_path)
-    lag_reader = LagReader(settings.kafka_bootstrap, settings.group_id)
+    # The consumer's own clients: credentials and TLS as `run` has them (the secured stack).
+    client = clickhouse_client(settings)
+    lag_reader = LagReader(kafka_client_config(settings), settings.group_id)
     with log_file.open("ab") as log:
         consumer = subprocess.Popen(
             [sys.executable, "-m", "consumer.cli", "run"], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import logging
+import shlex
 import sys
 from dataclasses import asdict
 from functools import cache
@@ -98,7 +99,7 @@ def _stack_action(args: argparse.Namespace, manager: ModuleType, layout) -> int:
         return 0 if all(s.healthy for s in states) else 1
     elif args.action == "env":
         for key, value in layout.connection_env().items():
-            print(f"export {key}={value}")
+            print(f"export {key}={shlex.quote(value)}")
     return 0
 
 

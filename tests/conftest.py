@@ -4,15 +4,20 @@
 running one is reused) and stops it at the end if this session started it.
 `--stack=docker` runs the same tests on docker-compose.yml through testcontainers, where a
 Docker engine exists.
+
+With `CDC_STACK_SECURE=1` the native stack is the secured one: the endpoints then carry its
+credentials and CA (`kafka`, `clickhouse()`, `ca`), and `-m secure` selects the tests that CI
+runs there too (the core end-to-end ones and tests/test_secure_stack.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -41,6 +46,8 @@ class StackEndpoints:
     clickhouse_url: str
     prometheus_url: str
     layout: StackLayout | None  # None on docker: no native process control
+    # The secured stack's extra connection settings (`stack env`): credentials and CA.
+    security_env: dict[str, str] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
         return {
@@ -50,7 +57,36 @@ class StackEndpoints:
             "CDC_SCHEMA_REGISTRY_URL": self.schema_registry_url,
             "CDC_CLICKHOUSE_URL": self.clickhouse_url,
             "CDC_PROMETHEUS_URL": self.prometheus_url,
+            **self.security_env,
         }
+
+    @property
+    def secure(self) -> bool:
+        return bool(self.security_env)
+
+    @property
+    def ca(self) -> str | None:
+        """The CA file the secured stack's servers are verified with (None: plain stack)."""
+        return self.security_env.get("CDC_CLICKHOUSE_CA_CERT")
+
+    @property
+    def kafka(self) -> dict[str, str]:
+        """librdkafka properties of a client of this stack; add a client's own to a copy."""
+        if self.layout is not None:
+            return self.layout.kafka_client_properties()
+        return {"bootstrap.servers": self.kafka_bootstrap}
+
+    def clickhouse(self, database: str | None = None):
+        """A ClickHouse client with this stack's credentials, on `database` if given."""
+        from consumer.sink.clickhouse import connect
+
+        url = f"{self.clickhouse_url}/{database}" if database else self.clickhouse_url
+        return connect(
+            url,
+            user=self.security_env.get("CDC_CLICKHOUSE_USER"),
+            password=self.security_env.get("CDC_CLICKHOUSE_PASSWORD"),
+            ca_cert=Path(self.ca) if self.ca else None,
+        )
 
 
 def _docker_engine_error() -> str | None:
@@ -81,6 +117,10 @@ def stack(request: pytest.FixtureRequest) -> Iterator[StackEndpoints]:
         prometheus_url=layout.prometheus_url,
         layout=layout,
     )
+    if layout.secure:
+        plain = endpoints.env()
+        security = {k: v for k, v in layout.connection_env().items() if k not in plain}
+        endpoints = dataclasses.replace(endpoints, security_env=security)
     os.environ.update(endpoints.env())
     try:
         yield endpoints
@@ -136,14 +176,11 @@ def clickhouse(stack):
     """A client of a fresh database with the consumer's tables, dropped afterwards."""
     import uuid
 
-    import clickhouse_connect
-
     from consumer.sink.migrate import apply_migrations
 
     database = f"test_db_{uuid.uuid4().hex[:8]}"
-    admin = clickhouse_connect.get_client(dsn=stack.clickhouse_url)
-    admin.command(f"CREATE DATABASE {database}")
-    client = clickhouse_connect.get_client(dsn=f"{stack.clickhouse_url}/{database}")
+    admin = stack.clickhouse()
+    client = stack.clickhouse(database)  # creates it
     apply_migrations(client)
     try:
         yield client

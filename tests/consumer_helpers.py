@@ -9,20 +9,21 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import clickhouse_connect
 import psycopg
 import requests
 from confluent_kafka import Consumer, TopicPartition
 
 from cdc_dev.stack.process import terminate
+from consumer.kafka.client_config import KafkaClientConfig
 from consumer.kafka.lag import LagReader
 from consumer.transform.mapping import load_mapping
-from tests.debezium_helpers import AvroReader
+from tests.debezium_helpers import AvroReader, kafka_properties
 
 
 @dataclass
@@ -44,10 +45,10 @@ class ConsumerTarget:
     group_id: str
     database: str
     env: dict[str, str]
-    clickhouse_url: str
+    stack: Any  # conftest.StackEndpoints
 
     def clickhouse(self):
-        return clickhouse_connect.get_client(dsn=f"{self.clickhouse_url}/{self.database}")
+        return self.stack.clickhouse(self.database)
 
 
 def new_target(stack, tmp_path: Path, topic_prefix: str = "adtech", **settings: str) -> ConsumerTarget:
@@ -64,7 +65,7 @@ def new_target(stack, tmp_path: Path, topic_prefix: str = "adtech", **settings: 
         "CDC_BATCH_MAX_AGE_S": "0.5",
         **settings,
     }
-    return ConsumerTarget(env["CDC_GROUP_ID"], database, env, stack.clickhouse_url)
+    return ConsumerTarget(env["CDC_GROUP_ID"], database, env, stack)
 
 
 @contextmanager
@@ -88,16 +89,18 @@ def start_consumer(target: ConsumerTarget, tmp_path: Path, **extra_env: str) -> 
     return ConsumerProcess(proc, log)
 
 
-def group_lag(bootstrap: str, group_id: str, topics: list[str]) -> dict[tuple[str, int], int]:
+def group_lag(kafka: str | Mapping[str, str], group_id: str, topics: list[str]) -> dict[tuple[str, int], int]:
     """Per partition: the last stable offset minus the group's committed offset (what a
     read_committed consumer still has to read)."""
     probe = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": group_id,
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
+        kafka_properties(
+            kafka,
+            **{
+                "group.id": group_id,
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            },
+        )
     )
     try:
         metadata = probe.list_topics(timeout=10)
@@ -127,7 +130,7 @@ def wait_delivered(stack, topic_prefix: str, timeout: float = 120) -> None:
     if not _connector_streams(stack.connect_url, topic_prefix):
         return  # no Debezium writes these topics now: a test's own messages, or a finished snapshot
     topic = f"{topic_prefix}.public.cdc_heartbeat"
-    start = {p: offset for (_, p), offset in end_offsets(stack.kafka_bootstrap, [topic]).items()}
+    start = {p: offset for (_, p), offset in end_offsets(stack.kafka, [topic]).items()}
     marker = random.randint(1_000_000, 2**31 - 1)
     with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
         conn.execute("INSERT INTO cdc_heartbeat (id, beat_at) VALUES (%s, now())", (marker,))
@@ -137,7 +140,7 @@ def wait_delivered(stack, topic_prefix: str, timeout: float = 120) -> None:
             conn.execute("DELETE FROM cdc_heartbeat WHERE id = %s", (marker,))
 
 
-def _connector_streams(connect_url: str, topic_prefix: str) -> bool:
+def _connector_streams(connect_url: str, topic_prefix: str) -> bool:  # Connect's REST API is plain HTTP in both modes
     connectors = requests.get(f"{connect_url}/connectors?expand=info&expand=status", timeout=30).json()
     return any(
         c["info"]["config"].get("topic.prefix") == topic_prefix
@@ -149,14 +152,16 @@ def _connector_streams(connect_url: str, topic_prefix: str) -> bool:
 
 def _wait_marker(stack, topic: str, start: dict[int, int], marker: int, timeout: float) -> None:
     reader = Consumer(
-        {
-            "bootstrap.servers": stack.kafka_bootstrap,
-            "group.id": f"marker-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
+        kafka_properties(
+            stack.kafka,
+            **{
+                "group.id": f"marker-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            },
+        )
     )
-    avro = AvroReader(stack.schema_registry_url)
+    avro = AvroReader(stack.schema_registry_url, ca=stack.ca)
     reader.assign([TopicPartition(topic, p, o) for p, o in start.items()])
     deadline = time.monotonic() + timeout
     try:
@@ -174,11 +179,11 @@ def _wait_marker(stack, topic: str, start: dict[int, int], marker: int, timeout:
     raise AssertionError(f"Debezium did not emit the marker {marker} to {topic} within {timeout}s")
 
 
-def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
+def end_offsets(kafka: str | Mapping[str, str], topics: list[str]) -> dict[tuple[str, int], int]:
     """(topic, partition) -> high watermark (an unknown topic has no partitions)."""
     from confluent_kafka.admin import OffsetSpec
 
-    reader = LagReader(bootstrap, "test-probe")
+    reader = LagReader(KafkaClientConfig(kafka_properties(kafka)), "test-probe")
     try:
         return reader.offsets(reader.partitions(topics), OffsetSpec.latest())
     finally:
@@ -195,7 +200,7 @@ def wait_caught_up(stack, target: ConsumerTarget, process: ConsumerProcess | Non
     while time.monotonic() < deadline:
         if process is not None and process.proc.poll() is not None:
             raise AssertionError(f"consumer exited with {process.proc.returncode}:\n{process.output()[-5000:]}")
-        lag = group_lag(stack.kafka_bootstrap, target.group_id, topics)
+        lag = group_lag(stack.kafka, target.group_id, topics)
         if lag and all(v == 0 for v in lag.values()):
             return
         time.sleep(1)

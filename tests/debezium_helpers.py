@@ -7,7 +7,7 @@ import json
 import struct
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,8 +89,15 @@ def _drop_slot_and_publication(postgres_dsn: str, name: str) -> None:
         conn.execute(f'DROP PUBLICATION IF EXISTS "{name}"')
 
 
+def kafka_properties(kafka: str | Mapping[str, str], **own: object) -> dict[str, object]:
+    """A client's librdkafka properties: a bare bootstrap string (a plain cluster) or a stack's
+    shared properties (`stack.kafka`: credentials and CA of the secured stack), plus `own`."""
+    shared = {"bootstrap.servers": kafka} if isinstance(kafka, str) else dict(kafka)
+    return {**shared, **own}
+
+
 def drain(
-    bootstrap: str,
+    kafka: str | Mapping[str, str],
     topics: list[str],
     *,
     idle_seconds: float = 5.0,
@@ -100,14 +107,16 @@ def drain(
     """Read the topics from the beginning (committed transactions only) until nothing new
     arrived for `idle_seconds` and `until(messages)` (if given) holds."""
     consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"test-drain-{uuid.uuid4().hex[:8]}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "topic.metadata.refresh.interval.ms": 1000,
-        }
+        kafka_properties(
+            kafka,
+            **{
+                "group.id": f"test-drain-{uuid.uuid4().hex[:8]}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "topic.metadata.refresh.interval.ms": 1000,
+            },
+        )
     )
     consumer.subscribe(topics)
     messages: list[RawMessage] = []
@@ -137,14 +146,15 @@ class AvroReader:
     """Decodes Confluent-framed Avro with schemas fetched from the registry: a deliberately
     independent, minimal reader, so stack tests do not depend on the consumer's decoder."""
 
-    def __init__(self, registry_url: str):
+    def __init__(self, registry_url: str, ca: str | None = None):
         self.registry_url = registry_url
+        self.verify = ca or True
         self.schemas: dict[int, dict] = {}
         self.raw_schemas: dict[int, str] = {}
 
     def schema(self, schema_id: int) -> dict:
         if schema_id not in self.schemas:
-            response = requests.get(f"{self.registry_url}/schemas/ids/{schema_id}", timeout=10)
+            response = requests.get(f"{self.registry_url}/schemas/ids/{schema_id}", timeout=10, verify=self.verify)
             response.raise_for_status()
             self.raw_schemas[schema_id] = response.json()["schema"]
             self.schemas[schema_id] = fastavro.parse_schema(json.loads(self.raw_schemas[schema_id]))

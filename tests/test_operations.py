@@ -282,6 +282,7 @@ def test_prometheus_sees_lag_rise_while_stopped_and_every_expression_returns_dat
 
 @pytest.mark.stack
 @pytest.mark.slow
+@pytest.mark.secure
 def test_replay_is_idempotent_and_restores_dropped_facts_beside_the_live_consumer(stack, tmp_path) -> None:
     target = new_target(stack, tmp_path)
     with running_consumer(target, tmp_path) as consumer:
@@ -319,10 +320,7 @@ def test_replay_is_idempotent_and_restores_dropped_facts_beside_the_live_consume
         restored = fact_totals(stack, target)
         assert all(pg == live == agg for pg, live, _rows, agg in restored.values()), restored
         assert consumer.stop() == 0, consumer.output()[-3000:]
-    groups = [
-        g.group_id
-        for g in AdminClient({"bootstrap.servers": stack.kafka_bootstrap}).list_consumer_groups().result().valid
-    ]
+    groups = [g.group_id for g in AdminClient(stack.kafka).list_consumer_groups().result().valid]
     assert not [g for g in groups if g.startswith(f"{target.group_id}-backfill-")], "backfill groups are deleted"
 
 

@@ -9,13 +9,13 @@ traffic until every KPI in ClickHouse equals Postgres, then stops cleanly on SIG
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
 import zipfile
 from pathlib import Path
 
-import clickhouse_connect
 import pytest
 
 import consumer
@@ -23,7 +23,7 @@ from cdc_dev.generate import generate
 from cdc_dev.verify import compare
 from tests.consumer_helpers import ConsumerProcess, new_target, wait_caught_up, wait_delivered
 
-pytestmark = [pytest.mark.stack, pytest.mark.slow]
+pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.secure]
 
 REPO = Path(__file__).resolve().parent.parent
 MIGRATIONS = sorted(p.name for p in (REPO / "clickhouse").glob("*.sql"))
@@ -85,7 +85,7 @@ def _stack_env() -> dict[str, str]:
     settings = {}
     for line in out.splitlines():
         name, _, value = line.removeprefix("export ").partition("=")
-        settings[name] = value
+        (settings[name],) = shlex.split(value)  # quoted for the shell
     return settings
 
 
@@ -142,4 +142,4 @@ def test_the_wheel_alone_consumes_exactly_and_stops_on_sigterm(stack, installed:
         assert "stopping: finishing the batches in flight" in process.output()
         assert list(empty.iterdir()) == []  # it wrote nothing into its working directory
     finally:
-        clickhouse_connect.get_client(dsn=stack.clickhouse_url).command(f"DROP DATABASE IF EXISTS {target.database}")
+        stack.clickhouse().command(f"DROP DATABASE IF EXISTS {target.database}")

@@ -28,11 +28,14 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 PLACEHOLDER = "__debezium_unavailable_value"
 
 
-def test_stack_up_from_nothing_and_down_frees_everything(stack, native_stack: StackLayout) -> None:
+def test_stack_up_from_nothing_and_down_frees_everything(
+    stack, native_stack: StackLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A second stack in a fresh state directory on other ports (downloads shared)."""
     shifted = {name: port + 200 for name, port in StackPorts().model_dump().items()}
     with tempfile.TemporaryDirectory(prefix="cdc-stack-") as root:
-        os.environ["CDC_STACK_LIB"] = str(native_stack.lib)
+        # Set for this test only: the session's stack may name its own CDC_STACK_LIB.
+        monkeypatch.setenv("CDC_STACK_LIB", str(native_stack.lib))
         layout = StackLayout(root=Path(root), ports=StackPorts(**shifted))
         try:
             manager.up(layout, connector="avro")
@@ -45,7 +48,6 @@ def test_stack_up_from_nothing_and_down_frees_everything(stack, native_stack: St
             assert [s.pid for s in manager.status(layout)] == pids, "a second `up` must not restart anything"
         finally:
             manager.down(layout)
-            os.environ.pop("CDC_STACK_LIB", None)
         assert not any(process.is_alive(pid) for pid in pids)
         assert [p for p in layout.all_ports if process.port_open(p)] == []
 

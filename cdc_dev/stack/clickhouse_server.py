@@ -12,6 +12,10 @@ Usage (the stack manager runs it in the background and records its PID)::
     python -m cdc_dev.stack.clickhouse_server --data-dir DIR --http-port 18123 --tcp-port 19000 \
         [--cluster cdc --shard 127.0.0.1:19000 --shard 127.0.0.1:19010 ...]
 
+With ``--client-user NAME --client-password-file FILE`` (the secured stack) network clients must
+log in as that user with that password; see :func:`write_users`. Without, the server keeps
+ClickHouse's passwordless ``default`` user and binds loopback.
+
 With ``--cluster``, config.xml declares that cluster in ``<remote_servers>``, one shard per
 ``--shard`` (this server's own address among them), so ``Distributed`` tables, ``cluster()`` and
 ``remote()`` reach every node. Each node is a separate process with its own data dir: chdb-core
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import os
 import re
 import signal
@@ -66,7 +71,40 @@ _CONFIG_TEMPLATE = """\
         <size>100M</size>
         <count>3</count>
     </logger>
-{cluster}</clickhouse>
+{users}{cluster}</clickhouse>
+"""
+
+# chdb's in-process session, which runs _SERVE_SQL, always logs in as `default` with an empty
+# password: a password on `default` stops the server from starting, and its <networks> cannot
+# tell that session from a TCP client on loopback (ClickHouse counts both as local). So `default`
+# may only start listeners, and everyone else logs in as the client user. Over HTTP the TLS proxy
+# sends a non-local X-Forwarded-For, which auth_use_forwarded_address makes ClickHouse check
+# against <networks>: `default` is refused there outright.
+_USERS_CONFIG = """\
+    <users_config>users.xml</users_config>
+    <auth_use_forwarded_address>true</auth_use_forwarded_address>
+"""
+
+_USERS_TEMPLATE = """\
+<clickhouse>
+    <profiles><default/></profiles>
+    <quotas><default/></quotas>
+    <users>
+        <default>
+            <no_password/>
+            <networks><ip>::1</ip></networks>
+            <profile>default</profile>
+            <quota>default</quota>
+            <grants><query>GRANT SYSTEM LISTEN ON *.*</query></grants>
+        </default>
+        <{user}>
+            <password_sha256_hex>{password_sha256}</password_sha256_hex>
+            <networks><ip>::/0</ip></networks>
+            <profile>default</profile>
+            <quota>default</quota>
+        </{user}>
+    </users>
+</clickhouse>
 """
 
 _CLUSTER_TEMPLATE = """\
@@ -80,7 +118,7 @@ _CLUSTER_TEMPLATE = """\
 """
 
 _SHARD_TEMPLATE = """\
-            <shard><replica><host>{host}</host><port>{port}</port></replica></shard>
+            <shard><replica><host>{host}</host><port>{port}</port>{login}</replica></shard>
 """
 
 # Run inside clickhouse-local in ONE call: the two SYSTEM statements start the network handlers
@@ -106,13 +144,19 @@ def write_config(
     listen_host: str = "127.0.0.1",
     cluster: str | None = None,
     shards: list[tuple[str, int]] | None = None,
+    client: tuple[str, str] | None = None,
 ) -> Path:
     """Create the data dir layout and write ``config.xml`` into it; return the config path.
 
     ``cluster`` names a cluster of ``shards`` (host, native TCP port), this server itself by
-    default."""
+    default. ``client`` (user, password): the only user network clients can log in as, also the
+    one the nodes of the cluster use with each other."""
     for sub in ("", "tmp", "user_files", "logs"):
         (data_dir / sub).mkdir(parents=True, exist_ok=True)
+    login = ""
+    if client is not None:
+        write_users(data_dir, *client)
+        login = f"<user>{escape(client[0])}</user><password>{escape(client[1])}</password>"
     cluster_xml = ""
     if cluster is not None:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cluster):
@@ -120,19 +164,35 @@ def write_config(
         members = shards or [(listen_host, tcp_port)]
         cluster_xml = _CLUSTER_TEMPLATE.format(
             name=cluster,
-            shards="".join(_SHARD_TEMPLATE.format(host=escape(host), port=int(port)) for host, port in members),
+            shards="".join(
+                _SHARD_TEMPLATE.format(host=escape(host), port=int(port), login=login) for host, port in members
+            ),
         )
     config = data_dir / "config.xml"
+    config.touch(mode=0o600)  # it may hold the client's password (the cluster's login)
+    config.chmod(0o600)
     config.write_text(
         _CONFIG_TEMPLATE.format(
             listen_host=escape(listen_host),
             http_port=int(http_port),
             tcp_port=int(tcp_port),
             data_dir=escape(str(data_dir)),
+            users=_USERS_CONFIG if client is not None else "",
             cluster=cluster_xml,
         )
     )
     return config
+
+
+def write_users(data_dir: Path, user: str, password: str) -> Path:
+    """users.xml: `default` for the serving session alone, `user` with `password` for clients."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", user) or user == "default":
+        raise ValueError(f"client user {user!r} must be a plain name other than default")
+    users = data_dir / "users.xml"
+    users.touch(mode=0o600)
+    users.chmod(0o600)
+    users.write_text(_USERS_TEMPLATE.format(user=user, password_sha256=hashlib.sha256(password.encode()).hexdigest()))
+    return users
 
 
 def _shard_address(text: str) -> tuple[str, int]:
@@ -232,14 +292,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="HOST:PORT",
         help="a shard's native TCP address, in shard order (repeat; default: this server only)",
     )
+    parser.add_argument("--client-user", help="the user network clients log in as (with --client-password-file)")
+    parser.add_argument("--client-password-file", type=Path, help="a file holding that user's password")
     args = parser.parse_args(argv)
     if args.shard and not args.cluster:
         parser.error("--shard needs --cluster")
+    if (args.client_user is None) != (args.client_password_file is None):
+        parser.error("--client-user and --client-password-file go together")
+    client = (args.client_user, args.client_password_file.read_text().strip()) if args.client_user else None
 
     # Absolute path: config.xml must not depend on the cwd, which _serve changes.
     data_dir = args.data_dir.expanduser().resolve()
     _refuse_if_running(data_dir)
-    config = write_config(data_dir, args.http_port, args.tcp_port, args.listen_host, args.cluster, args.shard)
+    config = write_config(data_dir, args.http_port, args.tcp_port, args.listen_host, args.cluster, args.shard, client)
     print(
         f"clickhouse_server pid={os.getpid()} config={config} "
         f"http={args.listen_host}:{args.http_port} tcp={args.listen_host}:{args.tcp_port}",

@@ -3,10 +3,17 @@
 Every part binds loopback only, keeps its data under `<state>/data/<part>`, logs to
 `<state>/logs/<part>.log` and is tracked by `<state>/run/<part>.pid`, so `stack down`
 stops exactly what `stack up` started.
+
+The secured variant (`CDC_STACK_SECURE=1`, layout.secure) changes each part's listeners:
+Kafka's client and inter-broker listener is SASL_SSL with SCRAM-SHA-512 only (the KRaft
+controller listener stays plaintext on loopback); Postgres takes TLS connections only, with
+scram-sha-256 passwords; the registry serves HTTPS only; ClickHouse sits behind a TLS proxy
+(ClickHouseTls) on its usual ports. Connect and Debezium are clients like any other.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pwd
@@ -21,23 +28,32 @@ from pathlib import Path
 import requests
 
 from cdc_dev.stack import process
-from cdc_dev.stack.install import java_home_for_registry
+from cdc_dev.stack.install import SECURE_DEBIAN_PACKAGES, java_home_for_registry
 from cdc_dev.stack.layout import (
     CLICKHOUSE_CLUSTER,
+    CLIENT_USER,
     HOST,
     REPO_ROOT,
     ClickHouseNode,
     KafkaNode,
     StackLayout,
 )
+from cdc_dev.stack.security import write_private
 
 log = logging.getLogger(__name__)
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 JAVA17 = Path(os.environ.get("CDC_JAVA_HOME", "/usr/lib/jvm/java-17-openjdk-amd64"))
-SOURCE_DB_USER = "cdc"
-SOURCE_DB_PASSWORD = "cdc"
+SOURCE_DB_USER = CLIENT_USER
 LAST_QUORUM_NODE_STOP_S = 5.0
+SCRAM = "SCRAM-SHA-512"
+# Kafka's SCRAM users in the secured stack: the brokers among themselves, the Connect worker
+# (Debezium's records included), and every other client.
+KAFKA_USERS = ("broker", "connect", CLIENT_USER)
+# The only variables the Connect worker's environment holds: what a JVM needs, and what the
+# connector configurations reference as ${env:...} (the config provider allows no others).
+CONNECT_INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
+CONNECT_ENV_ALLOWLIST = r"CDC_SOURCE_DB_[A-Z]+|CDC_SCHEMA_REGISTRY_URL"
 
 LOG4J2 = """\
 status = warn
@@ -58,11 +74,28 @@ logger.debezium.level = INFO
 """
 
 
-def _http_ok(url: str) -> bool:
+def _http_ok(url: str, ca: Path | None = None) -> bool:
     try:
-        return requests.get(url, timeout=2).status_code == 200
+        return requests.get(url, timeout=2, verify=str(ca) if ca else True).status_code == 200
     except requests.RequestException:
         return False
+
+
+def _jaas(user: str, password: str) -> str:
+    return f'org.apache.kafka.common.security.scram.ScramLoginModule required username="{user}" password="{password}";'
+
+
+def _java_client_security(layout: StackLayout, user: str) -> str:
+    """The properties of a Java Kafka client of the secured stack, logging in as `user`."""
+    tls = layout.certificates()
+    return f"""\
+security.protocol=SASL_SSL
+sasl.mechanism={SCRAM}
+sasl.jaas.config={_jaas(user, layout.secret(f"kafka-{user}"))}
+ssl.truststore.type=PKCS12
+ssl.truststore.location={tls.truststore}
+ssl.truststore.password={tls.store_password}
+"""
 
 
 def _java(home: Path) -> str:
@@ -160,12 +193,76 @@ class Postgres(Component):
         return {"user": self.os_user, "group": pwd.getpwnam(self.os_user).pw_gid, "extra_groups": []}
 
     def _own(self, path: Path) -> None:
+        """Private to the user the server runs as (the `postgres` user under root, else us)."""
         path.mkdir(parents=True, exist_ok=True)
         if self.os_user:
             _allow_traverse(path.parent)
             entry = pwd.getpwnam(self.os_user)
             shutil.chown(path, entry.pw_uid, entry.pw_gid)
-            path.chmod(0o700)
+        path.chmod(0o700)
+
+    @property
+    def superuser_password(self) -> str:
+        return self.layout.secret("postgres-superuser")
+
+    @property
+    def pgpass(self) -> Path:
+        """The passwords of the stack's own tools (psql as `postgres` and as `cdc`), libpq's way."""
+        path = self.layout.root / "secrets" / "pgpass"
+        write_private(
+            path,
+            f"*:*:*:postgres:{self.superuser_password}\n*:*:*:{SOURCE_DB_USER}:{self.layout.client_password('postgres')}\n",
+        )
+        return path
+
+    def _hba(self) -> str:
+        """Every connection needs a password, local ones too; the secured stack takes TCP
+        connections only over TLS (no `host` line matches one without, so it is refused)."""
+        network = "hostssl" if self.layout.secure else "host"
+        return (
+            "local all all scram-sha-256\n"
+            f"{network} all all {HOST}/32 scram-sha-256\n"
+            f"{network} replication all {HOST}/32 scram-sha-256\n"
+        )
+
+    def _set_superuser_password(self) -> None:
+        """Give `postgres` the stack's superuser password, in single-user mode (no connection,
+        so no authentication needed) — once per password: a marker keeps its digest."""
+        digest = hashlib.sha256(self.superuser_password.encode()).hexdigest()
+        marker = self.data_dir / "cdc-stack-superuser.sha256"
+        if marker.exists() and marker.read_text().strip() == digest:
+            return
+        subprocess.run(
+            [str(PG_BIN / "postgres"), "--single", "-D", str(self.data_dir), "postgres"],
+            input=f"ALTER ROLE postgres PASSWORD '{self.superuser_password}';\n",
+            text=True,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            cwd="/",
+            **self._identity(),
+        )
+        marker.write_text(digest)
+
+    def _install_certificate(self) -> list[str]:
+        """The server's key and certificate, copied where only the server's user reads them
+        (Postgres refuses a key others can read)."""
+        tls = self.layout.certificates()
+        settings = []
+        for source, name, setting in (
+            (tls.server_cert, "server.crt", "ssl_cert_file"),
+            (tls.server_key, "server.key", "ssl_key_file"),
+        ):
+            target = self.data_dir / name
+            shutil.copyfile(source, target)
+            self._own_file(target)
+            settings += ["-c", f"{setting}={target}"]
+        return ["-c", "ssl=on", *settings]
+
+    def _own_file(self, path: Path) -> None:
+        if self.os_user:
+            entry = pwd.getpwnam(self.os_user)
+            shutil.chown(path, entry.pw_uid, entry.pw_gid)
+        path.chmod(0o600)
 
     def start(self) -> None:
         self._own(self.socket_dir)
@@ -178,8 +275,8 @@ class Postgres(Component):
                     str(self.data_dir),
                     "-U",
                     "postgres",
-                    "--auth-local=trust",
-                    "--auth-host=scram-sha-256",
+                    # Replaced below, before the server first starts, by the stack's pg_hba.conf.
+                    "--auth=trust",
                     "--encoding=UTF8",
                     "--locale=C.UTF-8",
                 ],
@@ -188,8 +285,11 @@ class Postgres(Component):
                 cwd="/",
                 **self._identity(),
             )
-            with (self.data_dir / "pg_hba.conf").open("a") as hba:
-                hba.write(f"host replication all {HOST}/32 scram-sha-256\n")
+        self._set_superuser_password()
+        hba = self.data_dir / "pg_hba.conf"
+        hba.write_text(self._hba())
+        self._own_file(hba)
+        tls = self._install_certificate() if self.layout.secure else []
         self._spawn(
             [
                 str(PG_BIN / "postgres"),
@@ -212,6 +312,7 @@ class Postgres(Component):
                 "shared_buffers=256MB",
                 "-c",
                 "max_wal_size=2GB",
+                *tls,
             ],
             cwd=Path("/"),
             **self._identity(),
@@ -256,12 +357,16 @@ class Postgres(Component):
             check=True,
             capture_output=True,
             text=True,
+            env={**os.environ, "PGPASSFILE": str(self.pgpass)},
         ).stdout
 
     def provision(self) -> None:
         """The `cdc` role (owner of the source tables, allowed to replicate) and the schema."""
+        password = self.layout.client_password("postgres")
         if not self.psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{SOURCE_DB_USER}'").strip():
-            self.psql(f"CREATE ROLE {SOURCE_DB_USER} LOGIN REPLICATION CREATEDB PASSWORD '{SOURCE_DB_PASSWORD}'")
+            self.psql(f"CREATE ROLE {SOURCE_DB_USER} LOGIN REPLICATION CREATEDB PASSWORD '{password}'")
+        else:
+            self.psql(f"ALTER ROLE {SOURCE_DB_USER} PASSWORD '{password}'")
         if not self.psql("SELECT 1 FROM pg_database WHERE datname = 'adtech'").strip():
             self.psql(f"CREATE DATABASE adtech OWNER {SOURCE_DB_USER}")
         schema = (REPO_ROOT / "postgres" / "schema.sql").read_text()
@@ -309,16 +414,18 @@ class Kafka(Component):
             quorum = f"controller.quorum.voters={voters}"
         replicas = self.layout.kafka_replication_factor
         min_isr = self.layout.kafka_min_insync_replicas
-        path = self.data_dir / "server.properties"
-        path.write_text(f"""\
+        listener = "SASL_SSL" if self.layout.secure else "PLAINTEXT"
+        path = write_private(
+            self.data_dir / "server.properties",
+            f"""\
 process.roles=broker,controller
 node.id={node.node_id}
 {quorum}
-listeners=PLAINTEXT://{node.address},CONTROLLER://{node.controller_address}
-advertised.listeners=PLAINTEXT://{node.address}
+listeners={listener}://{node.address},CONTROLLER://{node.controller_address}
+advertised.listeners={listener}://{node.address}
 controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
-log.dirs={self.data_dir / "logs"}
+inter.broker.listener.name={listener}
+{self._security()}log.dirs={self.data_dir / "logs"}
 num.partitions=4
 # Topics are created on purpose (Connect's topic.creation, the consumer's DLQ), never by a typo.
 auto.create.topics.enable=false
@@ -331,8 +438,40 @@ share.coordinator.state.topic.replication.factor={replicas}
 share.coordinator.state.topic.min.isr={min_isr}
 group.initial.rebalance.delay.ms=0
 message.max.bytes=10485760
-""")
+""",
+        )
         return path
+
+    def _security(self) -> str:
+        """The secured stack's SASL_SSL listener: SCRAM-SHA-512 only, the brokers logging in to
+        each other as `broker`. The controller listener stays plaintext on loopback (KRaft's
+        quorum traffic; no client reaches it)."""
+        if not self.layout.secure:
+            return ""
+        tls = self.layout.certificates()
+        return f"""\
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL
+sasl.enabled.mechanisms={SCRAM}
+sasl.mechanism.inter.broker.protocol={SCRAM}
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config={_jaas("broker", self.layout.secret("kafka-broker"))}
+ssl.keystore.type=PKCS12
+ssl.keystore.location={tls.keystore}
+ssl.keystore.password={tls.store_password}
+ssl.truststore.type=PKCS12
+ssl.truststore.location={tls.truststore}
+ssl.truststore.password={tls.store_password}
+"""
+
+    def _scram_users(self) -> list[str]:
+        """`kafka-storage format --add-scram`: KRaft keeps SCRAM credentials in its metadata
+        log, so the users exist from the cluster's first record on."""
+        if not self.layout.secure:
+            return []
+        return [
+            arg
+            for user in KAFKA_USERS
+            for arg in ("--add-scram", f"{SCRAM}=[name={user},password={self.layout.secret(f'kafka-{user}')}]")
+        ]
 
     def _classpath(self) -> str:
         return str(self.layout.lib / "kafka" / "*")
@@ -366,6 +505,7 @@ message.max.bytes=10485760
                     self._cluster_id(),
                     "-c",
                     str(properties),
+                    *self._scram_users(),
                 ],
                 check=True,
                 stdout=subprocess.DEVNULL,
@@ -401,7 +541,8 @@ message.max.bytes=10485760
         from confluent_kafka.admin import AdminClient
 
         try:
-            metadata = AdminClient({"bootstrap.servers": self.address}).list_topics(timeout=3)
+            client = {**self.layout.kafka_client_properties(), "bootstrap.servers": self.address}
+            metadata = AdminClient(client).list_topics(timeout=3)
         except Exception:
             return False
         # Listed once it has registered with the controllers and is no longer fenced.
@@ -426,8 +567,9 @@ class KafkaConnect(Component):
     def _properties(self) -> Path:
         data = self.layout.data("connect")
         data.mkdir(parents=True, exist_ok=True)
-        path = data / "connect-distributed.properties"
-        path.write_text(f"""\
+        path = write_private(
+            data / "connect-distributed.properties",
+            f"""\
 bootstrap.servers={self.layout.kafka_bootstrap}
 group.id=cdc-connect
 listeners=http://{HOST}:{self.layout.ports.connect_port}
@@ -449,19 +591,47 @@ exactly.once.source.support=enabled
 # Credentials and addresses reach connector configs as ${{env:...}}, never stored in them.
 config.providers=env
 config.providers.env.class=org.apache.kafka.common.config.provider.EnvVarConfigProvider
-""")
+config.providers.env.param.allowlist.pattern={CONNECT_ENV_ALLOWLIST}
+{self._security()}""",
+        )
         return path
 
+    def _security(self) -> str:
+        """The worker's own clients and those it makes for connectors (producer., consumer.,
+        admin.: Debezium's records, offsets and topic creation) all log in over SASL_SSL.
+        The Postgres connector keeps no schema history topic, so nothing else needs them."""
+        if not self.layout.secure:
+            return ""
+        security = _java_client_security(self.layout, "connect")
+        return "".join(
+            f"{prefix}{line}\n" for prefix in ("", "producer.", "consumer.", "admin.") for line in security.splitlines()
+        )
+
     def worker_env(self) -> dict[str, str]:
+        tls = self.layout.certificates() if self.layout.secure else None
         return {
-            **os.environ,
+            **{name: os.environ[name] for name in CONNECT_INHERITED_ENV if name in os.environ},
             "CDC_SOURCE_DB_HOST": HOST,
             "CDC_SOURCE_DB_PORT": str(self.layout.ports.postgres_port),
             "CDC_SOURCE_DB_NAME": "adtech",
             "CDC_SOURCE_DB_USER": SOURCE_DB_USER,
-            "CDC_SOURCE_DB_PASSWORD": SOURCE_DB_PASSWORD,
+            "CDC_SOURCE_DB_PASSWORD": self.layout.client_password("postgres"),
+            "CDC_SOURCE_DB_SSLMODE": "verify-full" if tls else "disable",
+            "CDC_SOURCE_DB_SSLROOTCERT": str(tls.ca) if tls else "",
             "CDC_SCHEMA_REGISTRY_URL": self.layout.schema_registry_url,
         }
+
+    def _jvm_trust(self) -> list[str]:
+        """The Avro converter reaches the HTTPS registry with the JVM's default trust store (its
+        password on the command line guards nothing secret: the store holds the CA certificate)."""
+        if not self.layout.secure:
+            return []
+        tls = self.layout.certificates()
+        return [
+            f"-Djavax.net.ssl.trustStore={tls.truststore}",
+            "-Djavax.net.ssl.trustStoreType=PKCS12",
+            f"-Djavax.net.ssl.trustStorePassword={tls.store_password}",
+        ]
 
     def start(self) -> None:
         properties = self._properties()
@@ -471,6 +641,7 @@ config.providers.env.class=org.apache.kafka.common.config.provider.EnvVarConfigP
                 "-Xms256m",
                 "-Xmx1g",
                 "-XX:+UseG1GC",
+                *self._jvm_trust(),
                 f"-Dlog4j2.configurationFile={self._log4j2()}",
                 "-cp",
                 str(self.layout.lib / "kafka" / "*"),
@@ -510,9 +681,9 @@ class SchemaRegistry(Component):
                 "-Xms128m",
                 "-Xmx512m",
                 f"-Dquarkus.http.host={HOST}",
-                f"-Dquarkus.http.port={p.registry_port}",
                 f"-Dquarkus.management.host={HOST}",
                 f"-Dquarkus.management.port={p.registry_management_port}",
+                *self._listeners(),
                 f"-Dapicurio.datasource.url=jdbc:h2:file:{data / 'registry'}",
                 "-jar",
                 str(self.layout.lib / "apicurio" / "quarkus-run.jar"),
@@ -520,8 +691,23 @@ class SchemaRegistry(Component):
             cwd=data,
         )
 
+    def _listeners(self) -> list[str]:
+        """HTTP, or in the secured stack HTTPS only (the API and the management interface)."""
+        port = self.layout.ports.registry_port
+        if not self.layout.secure:
+            return [f"-Dquarkus.http.port={port}"]
+        tls = self.layout.certificates()
+        return [
+            f"-Dquarkus.http.ssl-port={port}",
+            "-Dquarkus.http.insecure-requests=disabled",
+            f"-Dquarkus.http.ssl.certificate.files={tls.server_cert}",
+            f"-Dquarkus.http.ssl.certificate.key-files={tls.server_key}",
+            f"-Dquarkus.management.ssl.certificate.files={tls.server_cert}",
+            f"-Dquarkus.management.ssl.certificate.key-files={tls.server_key}",
+        ]
+
     def healthy(self) -> bool:
-        return _http_ok(f"{self.address}/subjects")
+        return _http_ok(f"{self.address}/subjects", self.layout.certificates().ca if self.layout.secure else None)
 
 
 @dataclass
@@ -540,33 +726,127 @@ class ClickHouse(Component):
 
     @property
     def address(self) -> str:
-        return self.node.url
+        return f"http://{HOST}:{self.node.server_http_port}"
 
     @property
     def ports(self) -> list[int]:
-        return [self.node.http_port, self.node.tcp_port]
+        return [self.node.server_http_port, self.node.server_tcp_port]
 
     def start(self) -> None:
-        shards = [arg for node in self.layout.clickhouse_nodes for arg in ("--shard", f"{HOST}:{node.tcp_port}")]
+        shards = [arg for node in self.layout.clickhouse_nodes for arg in ("--shard", f"{HOST}:{node.server_tcp_port}")]
+        data = self.layout.data(self.name)
+        users = []
+        if self.layout.secure:
+            data.mkdir(parents=True, exist_ok=True)
+            password = write_private(data / "client-password", self.layout.client_password("clickhouse"))
+            users = ["--client-user", CLIENT_USER, "--client-password-file", str(password)]
         self._spawn(
             [
                 sys.executable,
                 "-m",
                 "cdc_dev.stack.clickhouse_server",
                 "--data-dir",
-                str(self.layout.data(self.name)),
+                str(data),
                 "--http-port",
-                str(self.node.http_port),
+                str(self.node.server_http_port),
                 "--tcp-port",
-                str(self.node.tcp_port),
+                str(self.node.server_tcp_port),
                 "--cluster",
                 CLICKHOUSE_CLUSTER,
                 *shards,
+                *users,
             ]
         )
 
     def healthy(self) -> bool:
         return _http_ok(f"{self.address}/ping")
+
+
+# A client address no machine has (TEST-NET-1, RFC 5737): the TLS proxy puts it in every HTTP
+# request's X-Forwarded-For, and ClickHouse (auth_use_forwarded_address) checks users' networks
+# against it. So `default`, whose networks are local only, is refused through the proxy.
+PROXIED_CLIENT_ADDRESS = "192.0.2.1"
+
+
+@dataclass
+class ClickHouseTls(Component):
+    """haproxy in front of the secured stack's ClickHouse nodes: each node's usual HTTP port
+    serves HTTPS and its native TCP port native-over-TLS, both passed on to the node's loopback
+    ports (ClickHouseNode.server_*_port). chdb-core's server starts only plain HTTP and TCP
+    listeners, so TLS has to end in front of it.
+
+    Passwords: the serving process's own in-process session logs in as `default` without a
+    password (chdb cannot give it one), and ClickHouse treats every loopback client as local.
+    So `default` may do nothing but start listeners (clickhouse_server's users.xml), HTTP
+    requests through the proxy carry PROXIED_CLIENT_ADDRESS, and on the native port the proxy
+    lets through only a Hello that names `cdc` with its password."""
+
+    name: str = "clickhouse-tls"
+
+    @property
+    def address(self) -> str:
+        return self.layout.clickhouse_url
+
+    @property
+    def ports(self) -> list[int]:
+        return [port for node in self.layout.clickhouse_nodes for port in (node.http_port, node.tcp_port)]
+
+    def config_file(self) -> Path:
+        data = self.layout.data(self.name)
+        data.mkdir(parents=True, exist_ok=True)
+        bundle = self.layout.certificates().server_bundle
+        hello = _native_hello_credentials(CLIENT_USER, self.layout.client_password("clickhouse"))
+        sections = [
+            """\
+global
+    maxconn 2048
+defaults
+    timeout connect 5s
+    timeout client 15m
+    timeout server 15m
+"""
+        ]
+        for node in self.layout.clickhouse_nodes:
+            sections.append(f"""\
+frontend https_{node.shard}
+    mode http
+    bind {HOST}:{node.http_port} ssl crt {bundle}
+    http-request set-header X-Forwarded-For {PROXIED_CLIENT_ADDRESS}
+    default_backend http_{node.shard}
+backend http_{node.shard}
+    mode http
+    server node {HOST}:{node.server_http_port}
+frontend native_{node.shard}
+    mode tcp
+    bind {HOST}:{node.tcp_port} ssl crt {bundle}
+    tcp-request inspect-delay 5s
+    tcp-request content accept if {{ req.payload(0,0),hex -m sub {hello} }}
+    tcp-request content reject if WAIT_END
+    default_backend native_{node.shard}
+backend native_{node.shard}
+    mode tcp
+    server node {HOST}:{node.server_tcp_port}
+""")
+        return write_private(data / "haproxy.cfg", "".join(sections))
+
+    def start(self) -> None:
+        self._spawn([str(SECURE_DEBIAN_PACKAGES["haproxy"]), "-db", "-f", str(self.config_file())])
+
+    def healthy(self) -> bool:
+        return _http_ok(f"{self.address}/ping", self.layout.certificates().ca)
+
+
+def _native_hello_credentials(user: str, password: str) -> str:
+    """The user and password fields of ClickHouse's native Hello packet, in hex (each a
+    length-prefixed string, one after the other): present only if the client knows both."""
+
+    def field(value: str) -> bytes:
+        raw = value.encode()
+        if len(raw) > 127:
+            raise ValueError("a one-byte length prefix holds at most 127 bytes")
+        return bytes([len(raw)]) + raw
+
+    return (field(user) + field(password)).hex().upper()
 
 
 @dataclass
@@ -626,6 +906,7 @@ def all_components(layout: StackLayout) -> list[Component]:
         *(Kafka(layout, node_id=node.node_id) for node in layout.kafka_nodes),
         SchemaRegistry(layout),
         *(ClickHouse(layout, shard=node.shard) for node in layout.clickhouse_nodes),
+        *([ClickHouseTls(layout)] if layout.secure else []),
         Prometheus(layout),
         KafkaConnect(layout),
     ]

@@ -45,6 +45,8 @@ DEBIAN_PACKAGES = {
     "postgresql-15": Path("/usr/lib/postgresql/15/bin/postgres"),
     "prometheus": Path("/usr/bin/prometheus"),
 }
+# The secured stack's TLS proxy in front of ClickHouse.
+SECURE_DEBIAN_PACKAGES = {"haproxy": Path("/usr/sbin/haproxy")}
 JAVA_21_CANDIDATES = ("/usr/lib/jvm/temurin-25-jdk-amd64", "/usr/lib/jvm/temurin-21-jdk-amd64")
 
 
@@ -62,13 +64,13 @@ def java_home_for_registry() -> Path:
 
 
 def ensure_installed(layout: StackLayout) -> None:
-    ensure_debian_packages()
+    ensure_debian_packages({**DEBIAN_PACKAGES, **(SECURE_DEBIAN_PACKAGES if layout.secure else {})})
     ensure_jvm_artifacts(layout)
     ensure_confluent_converter(layout)
 
 
-def ensure_debian_packages() -> None:
-    missing = [name for name, binary in DEBIAN_PACKAGES.items() if not binary.exists()]
+def ensure_debian_packages(packages: dict[str, Path]) -> None:
+    missing = [name for name, binary in packages.items() if not binary.exists()]
     if not missing:
         return
     if os.geteuid() != 0:

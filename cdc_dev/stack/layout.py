@@ -9,6 +9,11 @@ Kafka and ClickHouse may run as several nodes (`CDC_STACK_KAFKA_BROKERS`,
 `CDC_STACK_CLICKHOUSE_SHARDS`): node 1 keeps the part's ports, node n takes them plus
 `NODE_PORT_STEP * (n - 1)`. A single node keeps the part's plain name (`kafka`); several are
 numbered (`kafka-1`, `kafka-2`, ...), each with its own data directory, log and pid file.
+
+`CDC_STACK_SECURE=1` runs the secured variant: TLS and passwords on every connection (see
+components.py and security.py). It keeps its data in `<state>/data-secure`, apart from the plain
+stack's: Kafka's SCRAM users are written when its storage is formatted, and Postgres' TLS and
+passwords differ, so neither mode's data is usable by the other.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +34,11 @@ CLICKHOUSE_CLUSTER = "cdc"
 # Copies a topic keeps when the cluster has brokers enough; one copy may be lost without
 # stopping acks=all writes (min.insync.replicas one less).
 MAX_REPLICATION_FACTOR = 3
+# In the secured stack a TLS proxy holds each ClickHouse node's public ports and the node itself
+# listens on loopback at its ports plus this (inside the node step, so nodes never collide).
+CLICKHOUSE_PRIVATE_PORT_SHIFT = 5
+# The user every client of the secured stack logs in as (Kafka SCRAM, ClickHouse, Postgres).
+CLIENT_USER = "cdc"
 
 
 class StackPorts(BaseSettings):
@@ -53,6 +64,7 @@ class StackShape(BaseSettings):
 
     kafka_brokers: int = Field(1, ge=1, le=5)
     clickhouse_shards: int = Field(1, ge=1, le=8)
+    secure: bool = False
 
 
 def _node_name(part: str, index: int, count: int) -> str:
@@ -85,10 +97,20 @@ class ClickHouseNode:
     name: str
     http_port: int
     tcp_port: int
+    secure: bool = False
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.http_port}"
+        return f"{'https' if self.secure else 'http'}://{HOST}:{self.http_port}"
+
+    @property
+    def server_http_port(self) -> int:
+        """Where the ClickHouse process itself serves HTTP: behind the TLS proxy when secure."""
+        return self.http_port + CLICKHOUSE_PRIVATE_PORT_SHIFT if self.secure else self.http_port
+
+    @property
+    def server_tcp_port(self) -> int:
+        return self.tcp_port + CLICKHOUSE_PRIVATE_PORT_SHIFT if self.secure else self.tcp_port
 
 
 @dataclass(frozen=True)
@@ -97,6 +119,7 @@ class StackLayout:
     ports: StackPorts
     kafka_brokers: int = 1
     clickhouse_shards: int = 1
+    secure: bool = False
 
     def __post_init__(self) -> None:
         taken = Counter(self.all_ports)
@@ -108,7 +131,8 @@ class StackLayout:
     def from_env(cls) -> StackLayout:
         """`CDC_STACK_DIR` and per-port variables; `CDC_STACK_PORT_OFFSET` shifts every default
         port at once, so a second stack (a colleague's, a test's) runs beside the first.
-        `CDC_STACK_KAFKA_BROKERS` and `CDC_STACK_CLICKHOUSE_SHARDS` set the node counts."""
+        `CDC_STACK_KAFKA_BROKERS` and `CDC_STACK_CLICKHOUSE_SHARDS` set the node counts,
+        `CDC_STACK_SECURE=1` the secured variant."""
         root = Path(os.environ.get("CDC_STACK_DIR", ".stack")).resolve()
         offset = int(os.environ.get("CDC_STACK_PORT_OFFSET", "0"))
         shifted = {name: field.default + offset for name, field in StackPorts.model_fields.items()}
@@ -118,6 +142,7 @@ class StackLayout:
             ports=StackPorts(**{**shifted, **StackPorts().model_dump(exclude_defaults=True)}),
             kafka_brokers=shape.kafka_brokers,
             clickhouse_shards=shape.clickhouse_shards,
+            secure=shape.secure,
         )
 
     @property
@@ -140,6 +165,7 @@ class StackLayout:
                 name=_node_name("clickhouse", index, self.clickhouse_shards),
                 http_port=self.ports.clickhouse_http_port + NODE_PORT_STEP * (index - 1),
                 tcp_port=self.ports.clickhouse_tcp_port + NODE_PORT_STEP * (index - 1),
+                secure=self.secure,
             )
             for index in range(1, self.clickhouse_shards + 1)
         ]
@@ -151,6 +177,10 @@ class StackLayout:
         fixed = [port for name, port in self.ports.model_dump().items() if name not in node_ports]
         kafka = [port for node in self.kafka_nodes for port in (node.port, node.controller_port)]
         clickhouse = [port for node in self.clickhouse_nodes for port in (node.http_port, node.tcp_port)]
+        if self.secure:
+            clickhouse += [
+                port for node in self.clickhouse_nodes for port in (node.server_http_port, node.server_tcp_port)
+            ]
         return fixed + kafka + clickhouse
 
     @property
@@ -175,7 +205,7 @@ class StackLayout:
         return self.root / "run"
 
     def data(self, component: str) -> Path:
-        return self.root / "data" / component
+        return self.root / ("data-secure" if self.secure else "data") / component
 
     def log(self, component: str) -> Path:
         return self.logs / f"{component}.log"
@@ -183,10 +213,31 @@ class StackLayout:
     def pidfile(self, component: str) -> Path:
         return self.run / f"{component}.pid"
 
+    def secret(self, name: str) -> str:
+        from cdc_dev.stack.security import secret
+
+        return secret(self, name)
+
+    def certificates(self):
+        """The secured stack's TLS files (security.Certificates), made on first use."""
+        from cdc_dev.stack.security import certificates
+
+        return certificates(self)
+
+    def client_password(self, service: str) -> str:
+        """The password of CLIENT_USER for `service` (postgres, kafka, clickhouse): the
+        documented `cdc` of the plain Postgres, random ones in the secured stack."""
+        if service == "postgres" and not self.secure:
+            return CLIENT_USER
+        return self.secret(f"{service}-{CLIENT_USER}")
+
     # Connection settings the rest of the project reads (`cdc-consumer stack env`).
     @property
     def postgres_dsn(self) -> str:
-        return f"postgresql://cdc:cdc@{HOST}:{self.ports.postgres_port}/adtech"
+        dsn = f"postgresql://{CLIENT_USER}:{self.client_password('postgres')}@{HOST}:{self.ports.postgres_port}/adtech"
+        if self.secure:
+            dsn += f"?sslmode=verify-full&sslrootcert={quote(str(self.certificates().ca))}"
+        return dsn
 
     @property
     def kafka_bootstrap(self) -> str:
@@ -198,7 +249,7 @@ class StackLayout:
 
     @property
     def schema_registry_url(self) -> str:
-        return f"http://{HOST}:{self.ports.registry_port}/apis/ccompat/v7"
+        return f"{'https' if self.secure else 'http'}://{HOST}:{self.ports.registry_port}/apis/ccompat/v7"
 
     @property
     def clickhouse_url(self) -> str:
@@ -207,6 +258,21 @@ class StackLayout:
     @property
     def prometheus_url(self) -> str:
         return f"http://{HOST}:{self.ports.prometheus_port}"
+
+    def kafka_client_properties(self) -> dict[str, str]:
+        """librdkafka properties of a client of this stack (the `CDC_KAFKA_*` of connection_env)."""
+        properties = {"bootstrap.servers": self.kafka_bootstrap}
+        if self.secure:
+            properties.update(
+                {
+                    "security.protocol": "SASL_SSL",
+                    "sasl.mechanism": "SCRAM-SHA-512",
+                    "sasl.username": CLIENT_USER,
+                    "sasl.password": self.client_password("kafka"),
+                    "ssl.ca.location": str(self.certificates().ca),
+                }
+            )
+        return properties
 
     def connection_env(self) -> dict[str, str]:
         env = {
@@ -220,4 +286,20 @@ class StackLayout:
         if self.clickhouse_shards > 1:
             env["CDC_CLICKHOUSE_CLUSTER"] = CLICKHOUSE_CLUSTER
             env["CDC_STACK_CLICKHOUSE_URLS"] = ",".join(node.url for node in self.clickhouse_nodes)
+        if self.secure:
+            kafka = self.kafka_client_properties()
+            ca = str(self.certificates().ca)
+            env.update(
+                {
+                    "CDC_KAFKA_SECURITY_PROTOCOL": kafka["security.protocol"],
+                    "CDC_KAFKA_SASL_MECHANISM": kafka["sasl.mechanism"],
+                    "CDC_KAFKA_SASL_USERNAME": kafka["sasl.username"],
+                    "CDC_KAFKA_SASL_PASSWORD": kafka["sasl.password"],
+                    "CDC_KAFKA_SSL_CA_LOCATION": ca,
+                    "CDC_CLICKHOUSE_USER": CLIENT_USER,
+                    "CDC_CLICKHOUSE_PASSWORD": self.client_password("clickhouse"),
+                    "CDC_CLICKHOUSE_CA_CERT": ca,
+                    "CDC_SCHEMA_REGISTRY_CA_CERT": ca,
+                }
+            )
         return env

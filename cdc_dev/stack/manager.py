@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -51,6 +52,14 @@ def up(layout: StackLayout, connector: str | None = "avro") -> dict[str, float]:
     ensure_installed(layout)
     timings["install"] = time.monotonic() - started
 
+    running = _running_mode(layout)
+    if running is not None and running != _mode(layout):
+        raise StackError(
+            f"the stack in {layout.root} runs {running}, and CDC_STACK_SECURE asks for {_mode(layout)}; "
+            "`stack down` first (each mode keeps its own data)"
+        )
+    _mode_file(layout).parent.mkdir(parents=True, exist_ok=True)
+    _mode_file(layout).write_text(_mode(layout))
     components = all_components(layout)
     elsewhere = _nodes_of_another_shape(layout, components)
     if elsewhere:
@@ -85,6 +94,23 @@ def up(layout: StackLayout, connector: str | None = "avro") -> dict[str, float]:
     return timings
 
 
+def _mode(layout: StackLayout) -> str:
+    return "secured" if layout.secure else "plain"
+
+
+def _mode_file(layout: StackLayout) -> Path:
+    return layout.run / "mode"
+
+
+def _running_mode(layout: StackLayout) -> str | None:
+    """The mode the stack of this state directory was started in, if any part of it runs."""
+    if not _mode_file(layout).exists():
+        return None
+    if not any(process.read_pid(pidfile) for pidfile in layout.run.glob("*.pid")):
+        return None
+    return _mode_file(layout).read_text().strip()
+
+
 def _wait_healthy(component: Component) -> None:
     def ready() -> bool:
         if component.pid is None:
@@ -116,7 +142,11 @@ def down(layout: StackLayout) -> list[str]:
     Kafka and ClickHouse nodes started with other node counts are stopped too, right after
     Connect (which needs the brokers) and before the current nodes' ports are checked, which
     they may hold; so `down` leaves nothing behind whatever the counts are now.
-    Every part is stopped even if an earlier one misbehaves; problems are raised at the end."""
+    Every part is stopped even if an earlier one misbehaves; problems are raised at the end.
+    The parts are those of the mode the stack was started in, whatever CDC_STACK_SECURE says now."""
+    running = _running_mode(layout)
+    if running is not None:
+        layout = dataclasses.replace(layout, secure=running == "secured")
     stopped, problems = [], []
     components = all_components(layout)
     others = _nodes_of_another_shape(layout, components)
@@ -130,6 +160,7 @@ def down(layout: StackLayout) -> list[str]:
             stopped += [name for name in others if process.stop(layout.pidfile(name))]
     if problems:
         raise StackError("; ".join(problems))
+    _mode_file(layout).unlink(missing_ok=True)
     return stopped
 
 

@@ -125,8 +125,9 @@ class SchemaRegistry:
             self._session.auth = (user, _reveal(password) or "")
         if token is not None:
             self._session.headers["Authorization"] = f"Bearer {_reveal(token)}"
-        if ca_cert is not None:
-            self._session.verify = str(ca_cert)
+        # Given with each request, not as the session's `verify`: requests lets REQUESTS_CA_BUNDLE
+        # (or CURL_CA_BUNDLE) in the environment override a session's, but not a request's.
+        self._verify: str | None = str(ca_cert) if ca_cert is not None else None
         # Bounded: every message names a schema id, and a hostile producer can name a million.
         self._cache: LRUCache[int, dict[str, Any] | _Permanent] = LRUCache(SCHEMAS_KEPT)
         # Ids the registry does not know, remembered for a while rather than asked again per message.
@@ -209,6 +210,7 @@ class SchemaRegistry:
                 timeout=self.timeout,
                 headers={"Accept": "application/vnd.schemaregistry.v1+json, application/json"},
                 stream=True,
+                verify=self._verify,
             )
             content = response.raw.read(MAX_RESPONSE_BYTES + 1, decode_content=True)
         except requests.Timeout as e:
