@@ -3,16 +3,20 @@
 `python -m build` makes the sdist and the wheel; the wheel goes into a new venv (its dependencies
 from the package index, nothing from this checkout or the dev venv), and from a directory with
 no repository file in reach its `cdc-consumer` applies the migrations and consumes generated
-traffic until every KPI in ClickHouse equals Postgres, then stops cleanly on SIGTERM.
+traffic, is killed with SIGKILL under traffic and started again, until every KPI in ClickHouse
+equals Postgres, then stops cleanly on SIGTERM.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -27,6 +31,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.secure]
 
 REPO = Path(__file__).resolve().parent.parent
 MIGRATIONS = sorted(p.name for p in (REPO / "clickhouse").glob("*.sql"))
+TRAFFIC = {"rate": 3000, "duration": 6, "seed": 708}
 
 
 def _clean_env(**settings: str) -> dict[str, str]:
@@ -89,7 +94,9 @@ def _stack_env() -> dict[str, str]:
     return settings
 
 
-def test_the_wheel_alone_consumes_exactly_and_stops_on_sigterm(stack, installed: Path, tmp_path: Path) -> None:
+def test_the_wheel_alone_consumes_exactly_through_kill_9_and_stops_on_sigterm(
+    stack, installed: Path, tmp_path: Path
+) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     target = new_target(stack, tmp_path)
@@ -127,16 +134,28 @@ def test_the_wheel_alone_consumes_exactly_and_stops_on_sigterm(stack, installed:
         generate(stack.postgres_dsn, rate=3000, duration=4, seed=707)
         wait_delivered(stack, target.env["CDC_TOPIC_PREFIX"])
         log = tmp_path / "installed-consumer.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen([cli, "run"], env=env, cwd=empty, stdout=out, stderr=subprocess.STDOUT)
-        process = ConsumerProcess(proc, log)
+
+        def start() -> ConsumerProcess:
+            with log.open("ab") as out:
+                proc = subprocess.Popen([cli, "run"], env=env, cwd=empty, stdout=out, stderr=subprocess.STDOUT)
+            return ConsumerProcess(proc, log)
+
+        process = start()
         try:
-            generate(stack.postgres_dsn, rate=3000, duration=6, seed=708)
+            # kill -9 while traffic flows: whatever it inserted and had not committed is applied once
+            # by the next process (its watermark in ClickHouse), and nothing is lost.
+            traffic = threading.Thread(target=generate, args=(stack.postgres_dsn,), kwargs=TRAFFIC)
+            traffic.start()
+            time.sleep(3)
+            process.proc.kill()
+            assert process.proc.wait(timeout=30) == -signal.SIGKILL
+            traffic.join()
+            process = start()
             wait_caught_up(stack, target, process)
             report = compare(stack.postgres_dsn, target.clickhouse())
             assert report.ok, str(report)
-            proc.terminate()  # SIGTERM
-            assert proc.wait(timeout=90) == 0, process.output()[-3000:]
+            process.proc.terminate()  # SIGTERM
+            assert process.proc.wait(timeout=90) == 0, process.output()[-3000:]
         finally:
             process.stop()
         assert "stopping: finishing the batches in flight" in process.output()
