@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 Partition = tuple[str, int]
 
@@ -49,9 +50,16 @@ class GroupProgress:
         self.consumer = _probe(bootstrap, group_id)
         self.partitions = [TopicPartition(t, p) for t, p in partitions]
 
-    def committed(self) -> dict[Partition, int]:
-        result = self.consumer.committed(self.partitions, timeout=30)
-        return {(tp.topic, tp.partition): max(tp.offset, 0) for tp in result}
+    def committed(self, attempts: int = 10) -> dict[Partition, int]:
+        for attempt in range(attempts):
+            try:
+                result = self.consumer.committed(self.partitions, timeout=30)
+                return {(tp.topic, tp.partition): max(tp.offset, 0) for tp in result}
+            except KafkaException:  # the group's coordinator moving (NOT_COORDINATOR) on a loaded broker
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(1.0)
+        raise AssertionError("unreachable")
 
     def lag(self, ends: dict[Partition, int]) -> int:
         committed = self.committed()

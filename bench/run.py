@@ -492,6 +492,8 @@ def phase_faults(stack: Stack, args, server: PeerServer, prefix: str, produce: d
             **stack.env,
             "CDC_TOPIC_PREFIX": prefix,
             "CDC_GROUP_ID": group,
+            # As deployed (the pod's name): a restarted member gets its partitions back at once.
+            "CDC_GROUP_INSTANCE_ID": f"{group}-0",
             "CDC_DLQ_TOPIC": f"{prefix}.dlq",
             **dict(kv.split("=", 1) for kv in args.consumer_env),
         },
@@ -911,7 +913,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--prefix {prefix}: no bench/results/{prefix}*.json with a produce phase (produce first)")
         results["produce"] = produced[0]
     events = results.get("produce", {}).get("events", 0)
-    server = peer_server(stack) if phases & {"engine", "faults"} else None
+    server = peer_server(stack) if phases & {"engine", "faults", "latency"} else None
     try:
         if phases & {"ours", "native", "engine"}:
             results.update(cpu_rounds(stack, args, phases, prefix, events, results["produce"]["messages"], server))
@@ -920,7 +922,14 @@ def main(argv: list[str] | None = None) -> int:
         if "floors" in phases:
             results["floors"] = phase_floors(stack, args, prefix, events)
         if "latency" in phases:
-            results["latency"] = phase_latency(stack, args, server if "engine" in phases else None)
+            results["latency"] = phase_latency(stack, args, server)
+    except BaseException as failed:
+        # What the phases before measured stays: kept with the error, then the error goes on.
+        results["error"] = f"{type(failed).__name__}: {failed}"
+        (RESULTS / f"{prefix}{'-' + args.label if args.label else ''}-failed.json").write_text(
+            json.dumps(results, indent=1, sort_keys=True, default=str) + "\n"
+        )
+        raise
     finally:
         if server is not None:
             server.stop()
