@@ -51,15 +51,16 @@ class GroupProgress:
         self.partitions = [TopicPartition(t, p) for t, p in partitions]
 
     def committed(self, attempts: int = 10) -> dict[Partition, int]:
-        for attempt in range(attempts):
+        for _ in range(attempts - 1):
             try:
-                result = self.consumer.committed(self.partitions, timeout=30)
-                return {(tp.topic, tp.partition): max(tp.offset, 0) for tp in result}
+                return self._committed()
             except KafkaException:  # the group's coordinator moving (NOT_COORDINATOR) on a loaded broker
-                if attempt == attempts - 1:
-                    raise
                 time.sleep(1.0)
-        raise AssertionError("unreachable")
+        return self._committed()
+
+    def _committed(self) -> dict[Partition, int]:
+        result = self.consumer.committed(self.partitions, timeout=30)
+        return {(tp.topic, tp.partition): max(tp.offset, 0) for tp in result}
 
     def lag(self, ends: dict[Partition, int]) -> int:
         committed = self.committed()
