@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 Partition = tuple[str, int]
 
@@ -49,7 +50,15 @@ class GroupProgress:
         self.consumer = _probe(bootstrap, group_id)
         self.partitions = [TopicPartition(t, p) for t, p in partitions]
 
-    def committed(self) -> dict[Partition, int]:
+    def committed(self, attempts: int = 10) -> dict[Partition, int]:
+        for _ in range(attempts - 1):
+            try:
+                return self._committed()
+            except KafkaException:  # the group's coordinator moving (NOT_COORDINATOR) on a loaded broker
+                time.sleep(1.0)
+        return self._committed()
+
+    def _committed(self) -> dict[Partition, int]:
         result = self.consumer.committed(self.partitions, timeout=30)
         return {(tp.topic, tp.partition): max(tp.offset, 0) for tp in result}
 
@@ -91,4 +100,38 @@ def read_all(bootstrap: str, topics: list[str], expected: int) -> list[tuple[str
         consumer.close()
     if len(out) < expected:
         raise RuntimeError(f"read {len(out)} messages, expected {expected}")
+    return out
+
+
+def last_message_ends(bootstrap: str, ends: dict[Partition, int], tail: int = 16) -> dict[Partition, int]:
+    """Per partition, one past its last change (a message with a value): what ClickHouse's Kafka
+    engine commits when done, as it commits "last offset it wrote + 1". That is below the end
+    offset: a transactional topic ends in a commit marker, which takes an offset of its own, and
+    the engine never commits past the tombstones that may follow the last change."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-tail-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+        }
+    )
+    out = {p: 0 for p in ends}
+    pending = {p for p, end in ends.items() if end > 0}
+    consumer.assign([TopicPartition(t, p, max(0, ends[(t, p)] - tail)) for t, p in pending])
+    try:
+        while pending:
+            for m in consumer.consume(1000, timeout=1.0):
+                key = (m.topic(), m.partition())
+                error = m.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(key)
+                        continue
+                    raise RuntimeError(f"Kafka: {error}")
+                if m.value() is not None:
+                    out[key] = max(out[key], m.offset() + 1)
+    finally:
+        consumer.close()
     return out

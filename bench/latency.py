@@ -271,14 +271,37 @@ def run_latency(
     seed: int,
     clickhouse_pid: int | None,
     logs: Path,
+    variants: dict[str, dict[str, str]] | None = None,
     progress=print,
 ) -> dict:
+    """`variants`: more of our consumers, each with these settings on top of `env`, a database
+    and group of its own, running beside the first on the same changes (an A/B in one run)."""
     topics = [f"{prefix}.public.{t}" for t in TABLES]
+    partitions = [(t, p) for (t, p) in end_offsets(bootstrap, topics)]
     consumer = start_consumer(env, logs / f"{database}-consumer.log")
-    group = GroupProgress(bootstrap, group_id, [(t, p) for (t, p) in end_offsets(bootstrap, topics)])
+    group = GroupProgress(bootstrap, group_id, partitions)
+    others = {
+        label: (
+            f"{database}_{label}",
+            start_consumer(
+                {
+                    **env,
+                    **settings,
+                    "CDC_GROUP_ID": f"{group_id}-{label}",
+                    "CDC_CLICKHOUSE_URL": f"{clickhouse_url}/{database}_{label}",
+                },
+                logs / f"{database}_{label}-consumer.log",
+            ),
+            GroupProgress(bootstrap, f"{group_id}-{label}", partitions),
+        )
+        for label, settings in (variants or {}).items()
+    }
     try:
         wait_started(consumer)
         wait_caught_up(consumer, group, end_offsets(bootstrap, topics), timeout=1800)
+        for _db, other, other_group in others.values():
+            wait_started(other)
+            wait_caught_up(other, other_group, end_offsets(bootstrap, topics), timeout=1800)
         progress(
             f"  consumer caught up with the existing {prefix}.* topics; offering {rate:,.0f} events/s for {seconds:.0f}s"
         )
@@ -289,10 +312,20 @@ def run_latency(
             threading.Thread(target=follow_commits, args=(bootstrap, topics, registry, stop, commits), daemon=True),
             threading.Thread(target=poll_watermarks, args=(f"{clickhouse_url}/{database}", stop, polls), daemon=True),
         ]
+        other_polls: dict[str, list[tuple[float, dict]]] = {label: [] for label in others}
+        threads += [
+            threading.Thread(
+                target=poll_watermarks, args=(f"{clickhouse_url}/{db}", stop, other_polls[label]), daemon=True
+            )
+            for label, (db, _c, _g) in others.items()
+        ]
         for t in threads:
             t.start()
         time.sleep(1.0)  # the reader is positioned at the ends before the first change
         scraped_before = scrape(consumer.metrics_port)
+        others_before = {
+            label: (scrape(c.metrics_port), procstat.cpu_seconds(c.pid)) for label, (_d, c, _g) in others.items()
+        }
         sampler = procstat.Sampler(consumer.pid, interval=1.0).start()
         ch_cpu0 = procstat.cpu_seconds(clickhouse_pid) if clickhouse_pid else 0.0
         cpu0 = procstat.cpu_seconds(consumer.pid)
@@ -303,18 +336,26 @@ def run_latency(
         # The tail: Debezium's last messages, then the consumer's last batch.
         wait_caught_up(consumer, group, end_offsets(bootstrap, topics), timeout=600)
         drained_s = time.monotonic() - started - generated_s
+        for _db, other, other_group in others.values():
+            wait_caught_up(other, other_group, end_offsets(bootstrap, topics), timeout=600)
         time.sleep(3 * POLL_S + 0.5)
         cpu = procstat.cpu_seconds(consumer.pid) - cpu0
         ch_cpu = (procstat.cpu_seconds(clickhouse_pid) - ch_cpu0) if clickhouse_pid else None
         wall = time.monotonic() - started
         sampler.stop()
         scraped_after = scrape(consumer.metrics_port)
+        others_after = {
+            label: (scrape(c.metrics_port), procstat.cpu_seconds(c.pid)) for label, (_d, c, _g) in others.items()
+        }
         stop.set()
         for t in threads:
             t.join(10)
     finally:
         code = consumer.stop()
         group.close()
+        for _db, other, other_group in others.values():
+            other.stop()
+            other_group.close()
     parts, unseen = latencies(commits, polls)
     values = parts["total"]
     generated = _generated(logs / f"{database}-generator.log")
@@ -353,6 +394,27 @@ def run_latency(
         "consumer_messages": metric_sum(scraped_after, "cdc_messages_consumed_total"),
         **insert_stats(scraped_before, scraped_after, wall),
     }
+    result["variants"] = {}
+    for label, (db, _c, _g) in others.items():
+        other_parts, other_unseen = latencies(commits, other_polls[label])
+        (before, cpu_before), (after, cpu_after) = others_before[label], others_after[label]
+        result["variants"][label] = {
+            "settings": variants[label],
+            "database": db,
+            "changes_measured": len(other_parts["total"]),
+            "changes_not_seen": other_unseen,
+            "p50_s": _r(quantile(other_parts["total"], 0.5)),
+            "p99_s": _r(quantile(other_parts["total"], 0.99)),
+            "consumer_p50_s": _r(quantile(other_parts["consumer"], 0.5)),
+            "consumer_p99_s": _r(quantile(other_parts["consumer"], 0.99)),
+            "consumer_cpu_cores": round((cpu_after - cpu_before) / wall, 3),
+            **insert_stats(before, after, wall),
+        }
+        v = result["variants"][label]
+        progress(
+            f"  variant {label} {variants[label]}: p99 {v['p99_s']}s, ours {v['consumer_p99_s']}s; "
+            f"{v['consumer_cpu_cores']} cores, {v['inserts_per_s']} inserts/s"
+        )
     progress(
         f"  latency p50 {result['p50_s']}s p99 {result['p99_s']}s max {result['max_s']}s over {len(values):,} changes "
         f"(Debezium p50/p99 {result['debezium_p50_s']}/{result['debezium_p99_s']}s, Connect's transactions "

@@ -35,29 +35,41 @@ def _convert(column, img: str) -> str:
     return f"CAST({v} AS {column.clickhouse_type})"
 
 
-def native_ddl(table: TableMapping, writer: dict[str, Any]) -> tuple[str, list[str]]:
-    """(staging table name, DDL) for one topic: a Null table and its view into `table`."""
+def native_ddl(
+    table: TableMapping,
+    writer: dict[str, Any],
+    *,
+    staging_prefix: str = "native",
+    engine: str = "Null",
+    coordinates: tuple[str, str, str] | None = None,
+) -> tuple[str, list[str]]:
+    """(staging table name, DDL) for one topic: a staging table (`engine`: Null for the insert,
+    or a Kafka table) and its view into `table`. `coordinates`: SQL for the rows' topic,
+    partition and offset read from the staging table (a Kafka table's virtual columns); constants
+    by default."""
+    topic_sql, partition_sql, offset_sql = coordinates or (sql_string(table.topic), "0", "0")
+    carry = f"{topic_sql} AS k_topic, toUInt32({partition_sql}) AS k_partition, toUInt64({offset_sql}) AS k_offset"
     envelope = strip(writer)
     named = named_types(envelope)
     record = image_record(envelope, named)
     image = tuple_type([staging_field(f["name"], f["type"], named) for f in record["fields"]])
     source_node = resolve(fields_by_name(envelope)["source"]["type"], named)
     source = tuple_type([staging_field(f["name"], f["type"], named) for f in source_node["fields"]])
-    staging = f"native_in_{table.table}"
+    staging = f"{staging_prefix}_in_{table.table}"
     ddl = [
         f"CREATE TABLE {staging} (op String, before Nullable({image}), after Nullable({image}), "
-        f"source {source}) ENGINE = Null"
+        f"source {source}) ENGINE = {engine}"
     ]
     if table.role == "fact":
         columns = ",\n    ".join(f"{_convert(c, 'img')} AS {quote_identifier(c.name)}" for c in table.columns)
         ddl.append(
-            f"""CREATE MATERIALIZED VIEW native_mv_{table.table} TO {table.table} AS
+            f"""CREATE MATERIALIZED VIEW {staging_prefix}_mv_{table.table} TO {table.table} AS
 SELECT
     {columns},
-    s AS _sign, {sql_string(table.topic)} AS _topic, toUInt32(0) AS _partition, toUInt64(0) AS _offset
+    s AS _sign, k_topic AS _topic, k_partition AS _partition, k_offset AS _offset
 FROM
 (
-    SELECT arrayJoin({fan_out_sql(tuple(FACT_RULES.values()))}) AS r, r.1 AS img, r.2 AS s
+    SELECT arrayJoin({fan_out_sql(tuple(FACT_RULES.values()))}) AS r, r.1 AS img, r.2 AS s, {carry}
     FROM {staging}
 )"""
         )
@@ -71,13 +83,13 @@ FROM
             for c in table.columns
         )
         ddl.append(
-            f"""CREATE MATERIALIZED VIEW native_mv_{table.table} TO {table.table} AS
+            f"""CREATE MATERIALIZED VIEW {staging_prefix}_mv_{table.table} TO {table.table} AS
 SELECT
     {columns},
-    bitShiftLeft(toUInt128(ifNull(source.lsn, 0)), 64) AS _version,
+    bitOr(bitShiftLeft(toUInt128(ifNull(source.lsn, 0)), 64), k_offset) AS _version,
     toUInt8(op = 'd') AS _is_deleted,
-    {sql_string(table.topic)} AS _topic, toUInt32(0) AS _partition, toUInt64(0) AS _offset
-FROM (SELECT *, if(op = 'd', assumeNotNull(before), assumeNotNull(after)) AS img FROM {staging})
+    k_topic AS _topic, k_partition AS _partition, k_offset AS _offset
+FROM (SELECT *, if(op = 'd', assumeNotNull(before), assumeNotNull(after)) AS img, {carry} FROM {staging})
 WHERE op IN ('c', 'r', 'u', 'd')"""
         )
     return staging, ddl

@@ -174,3 +174,57 @@ def run_ours(
         "inserts": int(inserts),
         "rows_inserted": int(rows),
     }
+
+
+def run_ours_fault(
+    *,
+    env: dict[str, str],
+    bootstrap: str,
+    group_id: str,
+    ends: dict[Partition, int],
+    server,
+    database: str,
+    fact_changes: int,
+    kill_consumer_at_rows: int,
+    kill_clickhouse_at_rows: int,
+    timeout: float,
+    log: Path,
+    progress=print,
+) -> dict:
+    """Our consumer catching up into the peer's ClickHouse (bench/kafka_engine.PeerServer),
+    killed (-9) and started again once `kill_consumer_at_rows` fact rows are in, then that
+    ClickHouse killed (-9) and started again at `kill_clickhouse_at_rows`; then lost and
+    duplicated fact changes, counted by their coordinates as for the Kafka engine."""
+    from bench.kafka_engine import fact_delivery, wait_rows
+
+    env = {**env, "CDC_CLICKHOUSE_URL": f"{server.url}/{database}"}
+    group = GroupProgress(bootstrap, group_id, list(ends))
+    consumer = start_consumer(env, log)
+    try:
+        wait_rows(server, database, kill_consumer_at_rows, timeout)
+        consumer.proc.kill()
+        consumer.proc.wait(30)
+        consumer = start_consumer(env, log.with_suffix(".restarted.log"))
+        # Running again before ClickHouse goes: at start-up the consumer exits on an unreachable
+        # ClickHouse (a supervisor restarts it); once running, it waits for ClickHouse.
+        wait_started(consumer)
+        wait_rows(server, database, kill_clickhouse_at_rows, timeout)
+        restart_s = server.restart()
+        wait_caught_up(consumer, group, ends, timeout)
+    finally:
+        code = consumer.stop()
+        group.close()
+    if code not in (0, None):
+        raise RuntimeError(f"consumer exited with {code}:\n{consumer.tail()}")
+    result = {
+        "database": database,
+        "killed_consumer_at_rows": kill_consumer_at_rows,
+        "killed_clickhouse_at_rows": kill_clickhouse_at_rows,
+        "clickhouse_restart_s": restart_s,
+    }
+    result.update(fact_delivery(server.client(database), fact_changes))
+    progress(
+        f"  ours, consumer killed at {kill_consumer_at_rows:,} and ClickHouse at {kill_clickhouse_at_rows:,} fact rows: "
+        f"{result['lost']} fact changes lost, {result['duplicated']} duplicated ({result['duplicated_rows']} extra rows)"
+    )
+    return result

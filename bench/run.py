@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -32,8 +33,17 @@ import clickhouse_connect  # noqa: E402
 import requests  # noqa: E402
 
 from bench import events as ev  # noqa: E402
-from bench.kafka_util import end_offsets, read_all  # noqa: E402
-from bench.ours import run_ours  # noqa: E402
+from bench.kafka_engine import DEFAULTS as ENGINE_DEFAULTS  # noqa: E402
+from bench.kafka_engine import (  # noqa: E402
+    TUNED_LATENCY,
+    TUNED_THROUGHPUT,
+    PeerServer,
+    run_engine_catchup,
+    run_engine_fault,
+    run_engine_latency,
+)
+from bench.kafka_util import end_offsets, last_message_ends, read_all  # noqa: E402
+from bench.ours import run_ours, run_ours_fault  # noqa: E402
 from cdc_dev.stack.layout import StackLayout  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -206,7 +216,9 @@ def phase_produce(stack: Stack, args, prefix: str) -> tuple[ev.Produced, dict]:
     templates = ensure_templates(stack)
     report = ev.CompatReport()
     real, real_partitioned = real_messages(stack)
-    ev.check_against_real(real, ev.registry_schema(stack.registry), report, "stack Debezium")
+    real = ev.check_against_real(real, ev.registry_schema(stack.registry), report, "stack Debezium")
+    for reason, count in report.skipped.items():
+        log(f"  skipped {count} poison messages of the stack's topics ({reason})")
     captured, captured_schemas = captured_fixture_messages()
     ev.check_against_real(captured, captured_schemas.__getitem__, report, "captured")
     source = {"version": "3.7.0.Final", "connector": "postgresql", "db": "adtech"}
@@ -244,6 +256,7 @@ def phase_produce(stack: Stack, args, prefix: str) -> tuple[ev.Produced, dict]:
         "real_debezium_messages": sum(1 for c in report.checked if c.startswith("stack")),
         "captured_messages": sum(1 for c in report.checked if c.startswith("captured")),
         "fastavro_roundtrips": sum(1 for c in report.checked if c.startswith("produced")),
+        "poison_skipped": report.skipped,
     }
     return produced, {
         "events": c.events,
@@ -354,14 +367,16 @@ def phase_native(stack: Stack, prefix: str, events: int, by_topic: dict[str, lis
     return result
 
 
-def cpu_rounds(stack: Stack, args, phases: set[str], prefix: str, events: int, messages: int) -> dict:
+def cpu_rounds(
+    stack: Stack, args, phases: set[str], prefix: str, events: int, messages: int, server: PeerServer | None
+) -> dict:
     """Ours and the native ingest, alternately, `--rounds` times; each reported by its round of
     least CPU, every round kept. A fresh ClickHouse server spends up to 1.5× as much CPU on its
     first large inserts as on the same inserts later (the native ingest here: 2.49, 1.92, 1.69
     CPU-s per million in three rounds after a restart), so one round each would compare whichever
     ran first on a cold server with the other on a warm one."""
     by_topic = read_values(stack, prefix, messages) if "native" in phases else {}
-    rounds: dict[str, list[dict]] = {"ours": [], "native": []}
+    rounds: dict[str, list[dict]] = {"ours": [], "native": [], "kafka_engine": []}
     for n in range(1, args.rounds + 1):
         if args.rounds > 1:
             log(f"-- round {n} of {args.rounds}")
@@ -369,12 +384,139 @@ def cpu_rounds(stack: Stack, args, phases: set[str], prefix: str, events: int, m
             rounds["ours"].append(phase_ours(stack, args, prefix, events))
         if "native" in phases:
             rounds["native"].append(phase_native(stack, prefix, events, by_topic))
+        if "engine" in phases:
+            rounds["kafka_engine"].append(phase_engine(stack, args, server, prefix, events))
     out: dict = {}
-    for key, cpu in (("ours", "total_cpu_s_per_million"), ("native", "cpu_s_per_million")):
+    for key, cpu in (
+        ("ours", "total_cpu_s_per_million"),
+        ("native", "cpu_s_per_million"),
+        ("kafka_engine", "cpu_s_per_million"),
+    ):
         if rounds[key]:
             out[key] = min(rounds[key], key=lambda r: r.get(cpu) or float("inf"))
             out[f"{key}_rounds"] = rounds[key]
     return out
+
+
+# ----------------------------------------------------------------------------- the Kafka engine
+
+
+def peer_server(stack: Stack) -> PeerServer:
+    """The Kafka engine's own ClickHouse (bench/kafka_engine.py), fresh for every run."""
+    data_dir = stack.layout.data("bench-kafka-engine")
+    shutil.rmtree(data_dir, ignore_errors=True)
+    server = PeerServer(data_dir, RESULTS / "logs" / f"kafka-engine-clickhouse-{uuid.uuid4().hex[:6]}.log")
+    server.start()
+    log(f"  the Kafka engine's ClickHouse: pid {server.pid}, {server.url}, {data_dir}")
+    return server
+
+
+def fact_changes(produce: dict) -> int:
+    return sum(n for kind, n in produce["by_kind"].items() if kind.split(".")[0] in ("impressions", "clicks"))
+
+
+def fact_rows(produce: dict) -> int:
+    """Rows the facts get: one per create and delete, two per update (its before and after)."""
+    return sum(
+        n * (2 if kind.endswith(".u") else 1)
+        for kind, n in produce["by_kind"].items()
+        if kind.split(".")[0] in ("impressions", "clicks")
+    )
+
+
+def phase_engine(stack: Stack, args, server: PeerServer, prefix: str, events: int) -> dict:
+    from consumer.transform.mapping import load_mapping
+
+    run = uuid.uuid4().hex[:6]
+    database = f"benchke_{prefix}_{run}"
+    topics = [f"{prefix}.public.{t}" for t in ev.TABLES]
+    log(f"[3b] ClickHouse's Kafka engine: group {prefix}-ke-{run}, database {database} in its own ClickHouse")
+    result = run_engine_catchup(
+        server,
+        database=database,
+        group_id=f"{prefix}-ke-{run}",
+        mapping=load_mapping(topic_prefix=prefix),
+        writer_schemas=writer_schemas(stack, topics),
+        bootstrap=stack.kafka,
+        registry=stack.registry,
+        ends=last_message_ends(stack.kafka, end_offsets(stack.kafka, topics)),
+        events=events,
+        settings=TUNED_THROUGHPUT,
+        timeout=args.timeout,
+        progress=log,
+    )
+    if not args.no_verify:
+        from cdc_dev.verify import KPIS, compare
+
+        report = compare(ev.ground_truth_dsn(stack.postgres_dsn, prefix), server.client(database))
+        kpi_views = {kpi.view for kpi in KPIS}
+        result["verify_ok"] = report.ok
+        result["verify_failed"] = report.failed
+        result["kpis_exact"] = not [name for name in report.failed if name in kpi_views]
+        if not report.ok:
+            result["verify_report"] = str(report)[:5000]
+        log(
+            f"  ground truth: KPIs {'equal Postgres' if result['kpis_exact'] else 'DIFFER'}"
+            + (f"; differs in {', '.join(report.failed)}" if report.failed else "")
+        )
+    return result
+
+
+def phase_faults(stack: Stack, args, server: PeerServer, prefix: str, produce: dict) -> dict:
+    """The same catch-up with a kill -9 in its middle: the Kafka engine's ClickHouse; and ours,
+    into the same ClickHouse, its consumer and then that ClickHouse."""
+    from consumer.transform.mapping import load_mapping
+
+    topics = [f"{prefix}.public.{t}" for t in ev.TABLES]
+    rows = fact_rows(produce)
+    run = uuid.uuid4().hex[:6]
+    log(f"[6] faults: kill -9 during the catch-up of {produce['events']:,} events ({rows:,} fact rows)")
+    engine = run_engine_fault(
+        server,
+        database=f"benchkefault_{prefix}_{run}",
+        group_id=f"{prefix}-kefault-{run}",
+        mapping=load_mapping(topic_prefix=prefix),
+        writer_schemas=writer_schemas(stack, topics),
+        bootstrap=stack.kafka,
+        registry=stack.registry,
+        ends=last_message_ends(stack.kafka, end_offsets(stack.kafka, topics)),
+        fact_changes=fact_changes(produce),
+        settings=TUNED_THROUGHPUT,
+        kill_at_rows=int(rows * 0.4),
+        timeout=args.timeout,
+        progress=log,
+    )
+    group = f"{prefix}-oursfault-{run}"
+    ours = run_ours_fault(
+        env={
+            **stack.env,
+            "CDC_TOPIC_PREFIX": prefix,
+            "CDC_GROUP_ID": group,
+            # As deployed (the pod's name): a restarted member gets its partitions back at once.
+            "CDC_GROUP_INSTANCE_ID": f"{group}-0",
+            "CDC_DLQ_TOPIC": f"{prefix}.dlq",
+            **dict(kv.split("=", 1) for kv in args.consumer_env),
+        },
+        bootstrap=stack.kafka,
+        group_id=group,
+        ends=end_offsets(stack.kafka, topics),
+        server=server,
+        database=f"benchoursfault_{prefix}_{run}",
+        fact_changes=fact_changes(produce),
+        kill_consumer_at_rows=int(rows * 0.25),
+        kill_clickhouse_at_rows=int(rows * 0.55),
+        timeout=args.timeout,
+        log=RESULTS / "logs" / f"{prefix}-fault-consumer.log",
+        progress=log,
+    )
+    if not args.no_verify:
+        from cdc_dev.verify import compare
+
+        for result in (engine, ours):
+            report = compare(ev.ground_truth_dsn(stack.postgres_dsn, prefix), server.client(result["database"]))
+            result["verify_ok"] = report.ok
+            result["verify_failed"] = report.failed
+    return {"kafka_engine": engine, "ours": ours}
 
 
 # ----------------------------------------------------------------------------- phase 4
@@ -416,7 +558,7 @@ def phase_floors(stack: Stack, args, prefix: str, events: int) -> dict:
 # ----------------------------------------------------------------------------- phase 5
 
 
-def phase_latency(stack: Stack, args) -> dict:
+def phase_latency(stack: Stack, args, server: PeerServer | None) -> dict:
     from bench.latency import debezium_probe, run_latency
 
     log("[5] end-to-end latency through the generator, Postgres, Debezium and our consumer")
@@ -463,6 +605,8 @@ def phase_latency(stack: Stack, args) -> dict:
         seed=args.seed + 2,
         clickhouse_pid=stack.clickhouse_pid,
         logs=logs,
+        # The adaptive flush against the timed one (before 2026-12-03), on the same changes.
+        variants={"timed_flush": {"CDC_FLUSH_WHEN_CAUGHT_UP": "false"}},
         progress=log,
     )
     result["debezium_probe"] = probe
@@ -475,6 +619,26 @@ def phase_latency(stack: Stack, args) -> dict:
         if not report.ok:
             result["verify_report"] = str(report)[:5000]
         log(f"  ground truth (the stack's Postgres): {'ClickHouse matches Postgres' if report.ok else 'MISMATCH'}")
+    if server is not None:
+        from consumer.transform.mapping import load_mapping
+
+        log("[5b] the same, ClickHouse's Kafka engine: its defaults and tuned for latency, side by side")
+        topics = [f"{DEBEZIUM_PREFIX}.public.{t}" for t in ev.TABLES]
+        result["kafka_engine"] = run_engine_latency(
+            server,
+            variants={"defaults": ENGINE_DEFAULTS, "tuned": TUNED_LATENCY},
+            mapping=load_mapping(topic_prefix=DEBEZIUM_PREFIX),
+            writer_schemas=writer_schemas(stack, topics),
+            dsn=stack.postgres_dsn,
+            bootstrap=stack.kafka,
+            registry=stack.registry,
+            prefix=DEBEZIUM_PREFIX,
+            rate=rate,
+            seconds=args.latency_seconds,
+            seed=args.seed + 3,
+            logs=logs,
+            progress=log,
+        )
     return result
 
 
@@ -489,6 +653,12 @@ def headline(results: dict) -> dict:
     latency = results.get("latency", {})
     ours_cpu = ours.get("total_cpu_s_per_million")
     native_cpu = native.get("cpu_s_per_million")
+    engine = results.get("kafka_engine", {})
+    engine_rounds = results.get("kafka_engine_rounds", [])
+    engine_cpu = engine.get("cpu_s_per_million")
+    engine_latency = latency.get("kafka_engine", {})
+    timed = latency.get("variants", {}).get("timed_flush", {})
+    faults = results.get("faults", {})
     return {
         "date": results["date"],
         "events": results.get("produce", {}).get("events"),
@@ -519,12 +689,34 @@ def headline(results: dict) -> dict:
         "e2e_consumer_rss_slope_second_half_mib_per_min": latency.get("consumer_memory", {}).get(
             "rss_slope_second_half_mib_per_min"
         ),
+        "kafka_engine_cpu_s_per_million": engine_cpu,
+        "kafka_engine_rounds_cpu_s_per_million": [r.get("cpu_s_per_million") for r in engine_rounds],
+        "kafka_engine_events_per_s": engine.get("events_per_s"),
+        "cpu_ratio_ours_to_kafka_engine": round(ours_cpu / engine_cpu, 2) if ours_cpu and engine_cpu else None,
+        # Every round's; None when not checked.
+        "kafka_engine_kpis_exact": all(r["kpis_exact"] for r in engine_rounds)
+        if engine_rounds and all("kpis_exact" in r for r in engine_rounds)
+        else None,
+        "kafka_engine_e2e_p99_s": engine_latency.get("tuned", {}).get("p99_s"),
+        "kafka_engine_e2e_p99_defaults_s": engine_latency.get("defaults", {}).get("p99_s"),
+        "ours_part_p99_s": latency.get("consumer_p99_s"),
+        "ours_timed_flush_part_p99_s": timed.get("consumer_p99_s"),
+        "ours_inserts_per_s": latency.get("inserts_per_s"),
+        "ours_timed_flush_inserts_per_s": timed.get("inserts_per_s"),
+        "ours_consumer_cores_streaming": latency.get("consumer_cpu_cores"),
+        "ours_timed_flush_consumer_cores_streaming": timed.get("consumer_cpu_cores"),
+        "kafka_engine_fault_lost": faults.get("kafka_engine", {}).get("lost"),
+        "kafka_engine_fault_duplicated": faults.get("kafka_engine", {}).get("duplicated"),
+        "ours_fault_lost": faults.get("ours", {}).get("lost"),
+        "ours_fault_duplicated": faults.get("ours", {}).get("duplicated"),
     }
 
 
 def table(results: dict, head: dict) -> str:
     """The results as a Markdown table (also what bench/README.md shows)."""
-    ours, native, floors, latency = (results.get(k, {}) for k in ("ours", "native", "floors", "latency"))
+    ours, native, floors, latency, engine, faults = (
+        results.get(k, {}) for k in ("ours", "native", "floors", "latency", "kafka_engine", "faults")
+    )
     memory = latency.get("consumer_memory", {})
 
     def f(x, digits=1, suffix=""):
@@ -546,6 +738,9 @@ def table(results: dict, head: dict) -> str:
         f"{f(ours.get('total_cpu_s_per_million'), 2)} ({f(ours.get('consumer_cpu_s_per_million'), 2)} + "
         f"{f(ours.get('clickhouse_cpu_s_per_million'), 2)}) | {f(ours.get('events_per_cpu_s'), 0)} | "
         f"{ratio(ours.get('total_cpu_s_per_million'), native.get('cpu_s_per_million'))} |",
+        f"| ClickHouse's Kafka engine (its ClickHouse) | {f(engine.get('events_per_s'), 0)} | "
+        f"{f(engine.get('cpu_s_per_million'), 2)} | {f(engine.get('events_per_cpu_s'), 0)} | "
+        f"{ratio(engine.get('cpu_s_per_million'), native.get('cpu_s_per_million'))} |",
         f"| ClickHouse native AvroConfluent ingest | {f(native.get('events_per_s'), 0)} | "
         f"{f(native.get('cpu_s_per_million'), 2)} | {f(native.get('events_per_cpu_s'), 0)} | 1.00× |",
         f"| floor: consume only (Python) | {f(consume.get('events_per_s'), 0)} | "
@@ -591,6 +786,44 @@ def table(results: dict, head: dict) -> str:
                 f"| Debezium sustained (probe) / generator | {f(probe.get('debezium_messages_per_s'), 0)} msg/s / "
                 f"{f(probe.get('generator_events_per_s'), 0)} events/s |"
             )
+    engine_latency = latency.get("kafka_engine", {})
+    timed = latency.get("variants", {}).get("timed_flush", {})
+    if engine_latency or timed:
+        lines += [
+            "",
+            "| at the same offered rate | p50 / p99 end to end | its own part p99 | inserts/s | consumer cores |",
+        ]
+        lines.append("|---|---:|---:|---:|---:|")
+        lines.append(
+            f"| ours, adaptive flush | {f(latency.get('p50_s'), 2)} / {f(latency.get('p99_s'), 2)} s | "
+            f"{f(latency.get('consumer_p99_s'), 2)} s | {f(latency.get('inserts_per_s'), 1)} | "
+            f"{f(latency.get('consumer_cpu_cores'), 3)} |"
+        )
+        if timed:
+            lines.append(
+                f"| ours, timed flush (CDC_FLUSH_WHEN_CAUGHT_UP=false) | {f(timed.get('p50_s'), 2)} / "
+                f"{f(timed.get('p99_s'), 2)} s | {f(timed.get('consumer_p99_s'), 2)} s | "
+                f"{f(timed.get('inserts_per_s'), 1)} | {f(timed.get('consumer_cpu_cores'), 3)} |"
+            )
+        for label in ("defaults", "tuned"):
+            v = engine_latency.get(label)
+            if v:
+                lines.append(
+                    f"| Kafka engine, {label} {v.get('settings') or ''} | {f(v.get('p50_s'), 2)} / "
+                    f"{f(v.get('p99_s'), 2)} s | {f(v.get('engine_p99_s'), 2)} s | – | – |"
+                )
+    if faults:
+        lines += ["", "| kill -9 in the middle of the catch-up | fact changes lost | duplicated | ground truth |"]
+        lines.append("|---|---:|---:|---|")
+        for label, key in (
+            ("Kafka engine (its ClickHouse killed)", "kafka_engine"),
+            ("ours (consumer, then ClickHouse killed)", "ours"),
+        ):
+            r = faults.get(key, {})
+            lines.append(
+                f"| {label} | {f(r.get('lost'), 0)} | {f(r.get('duplicated'), 0)} | "
+                f"{ {True: 'holds', False: 'differs: ' + ', '.join(r.get('verify_failed') or []), None: '–'}[r.get('verify_ok')] } |"
+            )
     targets = [
         "",
         "Targets (reported, not asserted):",
@@ -601,6 +834,13 @@ def table(results: dict, head: dict) -> str:
         f"- p99 end to end < 2 s: {f(latency.get('p99_s'), 2)} s → {verdict(latency.get('p99_s'), lambda p: p < 2)}",
         f"- flat memory: {f(memory.get('rss_slope_mib_per_min'), 2)} MiB/min over {f(latency.get('seconds'), 0)} s, "
         f"{f(memory.get('rss_slope_second_half_mib_per_min'), 2)} MiB/min over its second half",
+        f"- total CPU per million ≤ 0.5× the Kafka engine's: "
+        f"{ratio(ours.get('total_cpu_s_per_million'), engine.get('cpu_s_per_million'))} → "
+        f"{verdict(head.get('cpu_ratio_ours_to_kafka_engine'), lambda r: r <= 0.5)}",
+        f"- our part of the p99 ≤ 0.3 s: {f(latency.get('consumer_p99_s'), 2)} s → "
+        f"{verdict(latency.get('consumer_p99_s'), lambda p: p <= 0.3)}",
+        f"- faults: ours 0 lost, 0 duplicated → "
+        f"{verdict(head.get('ours_fault_lost'), lambda _x: head.get('ours_fault_lost') == 0 and head.get('ours_fault_duplicated') == 0)}",
         f"- ground truth on the benchmark's data: "
         f"{ {True: 'holds', False: 'FAILED', None: 'not checked'}[head.get('ours_verify_ok')] }",
     ]
@@ -622,7 +862,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probe-rate", type=float, default=20_000.0, help="rate offered in the Debezium probe")
     parser.add_argument("--seed", type=int, default=20261127)
     parser.add_argument(
-        "--phases", default="produce,ours,native,floors,latency", help="comma-separated subset of phases to run"
+        "--phases",
+        default="produce,ours,native,engine,faults,floors,latency",
+        help="comma-separated subset of phases to run",
     )
     parser.add_argument("--prefix", default=None, help="reuse topics already produced under this prefix")
     parser.add_argument(
@@ -663,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
     if "produce" in phases:
         _produced, results["produce"] = phase_produce(stack, args, prefix)
         del _produced
-    elif phases & {"ours", "native", "floors"}:  # topics of an earlier run
+    elif phases & {"ours", "native", "engine", "faults", "floors"}:  # topics of an earlier run
         # The run that produced them, whatever its label.
         earlier = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{prefix}*.json"))]
         produced = [r["produce"] for r in earlier if r.get("produce")]
@@ -671,12 +913,28 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--prefix {prefix}: no bench/results/{prefix}*.json with a produce phase (produce first)")
         results["produce"] = produced[0]
     events = results.get("produce", {}).get("events", 0)
-    if phases & {"ours", "native"}:
-        results.update(cpu_rounds(stack, args, phases, prefix, events, results["produce"]["messages"]))
-    if "floors" in phases:
-        results["floors"] = phase_floors(stack, args, prefix, events)
-    if "latency" in phases:
-        results["latency"] = phase_latency(stack, args)
+    server = peer_server(stack) if phases & {"engine", "faults", "latency"} else None
+    try:
+        if phases & {"ours", "native", "engine"}:
+            results.update(cpu_rounds(stack, args, phases, prefix, events, results["produce"]["messages"], server))
+        if "faults" in phases:
+            results["faults"] = phase_faults(stack, args, server, prefix, results["produce"])
+        if "floors" in phases:
+            results["floors"] = phase_floors(stack, args, prefix, events)
+        if "latency" in phases:
+            results["latency"] = phase_latency(stack, args, server)
+    except BaseException as failed:
+        # What the phases before measured stays: kept with the error, then the error goes on.
+        results["error"] = f"{type(failed).__name__}: {failed}"
+        (RESULTS / f"{prefix}{'-' + args.label if args.label else ''}-failed.json").write_text(
+            json.dumps(results, indent=1, sort_keys=True, default=str) + "\n"
+        )
+        raise
+    finally:
+        if server is not None:
+            server.stop()
+            if not args.keep:
+                shutil.rmtree(server.data_dir, ignore_errors=True)
     if not args.keep:
         cleanup(stack, prefix, results, produced_here="produce" in phases)
     results["wall_s"] = round(time.monotonic() - started, 1)
@@ -696,7 +954,13 @@ def cleanup(stack: Stack, prefix: str, results: dict, produced_here: bool) -> No
     """Drop what the run created: its ClickHouse databases and, for topics it produced, the
     topics and the ground-truth schema in Postgres (`--keep` keeps all, for `--prefix` reruns)."""
     client = stack.ch()
-    runs = [*results.get("ours_rounds", []), *results.get("native_rounds", []), results.get("latency", {})]
+    latency = results.get("latency", {})
+    runs = [
+        *results.get("ours_rounds", []),
+        *results.get("native_rounds", []),
+        latency,
+        *latency.get("variants", {}).values(),
+    ]
     for database in {run.get("database") for run in runs} - {None}:
         client.command(f"DROP DATABASE IF EXISTS `{database}`")
     if produced_here:
