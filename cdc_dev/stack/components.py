@@ -233,7 +233,8 @@ class Postgres(Component):
         if marker.exists() and marker.read_text().strip() == digest:
             return
         subprocess.run(
-            [str(PG_BIN / "postgres"), "--single", "-D", str(self.data_dir), "postgres"],
+            # wal_level as the server runs: a data directory holding a logical slot refuses to start below it.
+            [str(PG_BIN / "postgres"), "--single", "-D", str(self.data_dir), "-c", "wal_level=logical", "postgres"],
             input=f"ALTER ROLE postgres PASSWORD '{self.superuser_password}';\n",
             text=True,
             check=True,
