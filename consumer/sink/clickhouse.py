@@ -20,6 +20,7 @@ from clickhouse_connect.driver.client import Client
 from pydantic import SecretStr
 
 from consumer.core.secrets import redact_url
+from consumer.sink.cluster_ddl import local_name
 from consumer.sink.migrate import applied_offsets
 from consumer.transform.mapping import KEEP_PREVIOUS, TableMapping
 
@@ -65,6 +66,7 @@ def connect(
     client_cert: Path | None = None,
     client_key: Path | None = None,
     verify: bool = True,
+    timeout_s: float = 120.0,
 ) -> Client:
     """A client for `CDC_CLICKHOUSE_URL` (http[s]://[user:password@]host:port/database), or, with
     no URL, an embedded ClickHouse (chDB) keeping its data in `embedded_path`. `compress`: LZ4 on
@@ -73,8 +75,9 @@ def connect(
 
     `user` and `password` stand in for the URL's; over https the server's certificate is verified
     (against `ca_cert` when given) unless `verify` is off, and `client_cert`/`client_key`
-    authenticate the consumer to a server that asks for a certificate. Errors name the URL with
-    its password redacted."""
+    authenticate the consumer to a server that asks for a certificate. `timeout_s` bounds each
+    request (a server that stopped answering fails it). Errors name the URL with its password
+    redacted."""
     _lists_only()
     if not url:
         path = embedded_path or Path(".cdc-clickhouse")
@@ -92,7 +95,7 @@ def connect(
         "password": password if password is not None else unquote(parsed.password or ""),
         "secure": parsed.scheme == "https",
         "connect_timeout": 10,
-        "send_receive_timeout": 120,
+        "send_receive_timeout": timeout_s,
         "autogenerate_session_id": False,
         "compress": compress,
     }
@@ -174,12 +177,21 @@ class LatestRows:
 
 
 class ClickHouseSink:
-    def __init__(self, client: Client):
+    """One ClickHouse server. On a cluster, one shard's: `local` writes and reads its shard-local
+    tables (`<table>_local`, consumer.sink.cluster_ddl), which hold every row of the Kafka
+    partitions routed to it (consumer.sink.shards)."""
+
+    def __init__(self, client: Client, local: bool = False):
         self.client = client
+        self.local = local
+
+    def stored(self, table: str) -> str:
+        """The table that holds `table`'s rows on this server."""
+        return local_name(table) if self.local else table
 
     def applied_offsets(self, table: str, topic: str) -> dict[int, int]:
         """partition → highest Kafka offset whose rows are in `table` (the applied watermark)."""
-        return applied_offsets(self.client, table, topic)
+        return applied_offsets(self.client, self.stored(table), topic)
 
     def applied_in_ranges(self, table: str, topic: str, ranges: dict[int, range]) -> dict[int, AppliedOffsets]:
         """partition → the offsets inside `ranges[partition]` whose rows are in `table`.
@@ -200,7 +212,7 @@ class ClickHouseSink:
             f"""
             SELECT _partition, min(o), max(o) FROM (
                 SELECT _partition, o, toInt64(o) - toInt64(row_number() OVER (PARTITION BY _partition ORDER BY o)) AS run
-                FROM (SELECT DISTINCT _partition, _offset AS o FROM {table} WHERE _topic = {{topic:String}} AND ({condition}))
+                FROM (SELECT DISTINCT _partition, _offset AS o FROM {self.stored(table)} WHERE _topic = {{topic:String}} AND ({condition}))
             ) GROUP BY _partition, run""",
             parameters={"topic": topic},
         )
@@ -211,16 +223,18 @@ class ClickHouseSink:
 
     def add_columns(self, table: str, columns: list[tuple[str, str]]) -> None:
         """Schema evolution: new columns, idempotently (another consumer may have added them)."""
-        for name, clickhouse_type in columns:
-            log.info("ALTER TABLE %s ADD COLUMN %s %s", table, name, clickhouse_type)
-            self.client.command(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS `{name}` {clickhouse_type}")
+        # On a shard, the local table first: its Distributed table must not name a column it lacks.
+        for stored in dict.fromkeys([self.stored(table), table]):
+            for name, clickhouse_type in columns:
+                log.info("ALTER TABLE %s ADD COLUMN %s %s", stored, name, clickhouse_type)
+                self.client.command(f"ALTER TABLE {stored} ADD COLUMN IF NOT EXISTS `{name}` {clickhouse_type}")
 
     def missing_columns(self, table: TableMapping) -> list[tuple[str, str]]:
         existing = {
             row[0]
             for row in self.client.query(
                 "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = {t:String}",
-                parameters={"t": table.table},
+                parameters={"t": self.stored(table.table)},
             ).result_rows
         }
         return [(c.name, c.clickhouse_type) for c in table.columns if c.name not in existing]
@@ -244,7 +258,7 @@ class ClickHouseSink:
         if not rows:
             return
         self.client.insert(
-            table.table,
+            self.stored(table.table),
             rows,
             column_names=column_names,
             settings={**INSERT_SETTINGS, "insert_deduplication_token": token},
@@ -293,7 +307,7 @@ class ClickHouseSink:
         live = {}
         for condition, parameters in _in_conditions(table, keys):
             result = self.client.query(
-                f"SELECT {key_list}, argMaxIf(tuple({', '.join(values)}), _offset, _sign > 0) FROM {table.table} "
+                f"SELECT {key_list}, argMaxIf(tuple({', '.join(values)}), _offset, _sign > 0) FROM {self.stored(table.table)} "
                 f"WHERE {condition} GROUP BY {key_list} HAVING sum(_sign) > 0",
                 parameters=parameters,
             )
@@ -356,7 +370,7 @@ class ClickHouseSink:
         newest: dict[tuple, int] = {}
         for condition, parameters in _in_conditions(table, keys):
             result = self.client.query(
-                f"SELECT {key_list}, max(_version) FROM {table.table} WHERE {condition} GROUP BY {key_list}",
+                f"SELECT {key_list}, max(_version) FROM {self.stored(table.table)} WHERE {condition} GROUP BY {key_list}",
                 parameters=parameters,
             )
             for record in result.result_rows:
@@ -370,7 +384,7 @@ class ClickHouseSink:
         latest = {}
         for condition, parameters in _in_conditions(table, keys):
             result = self.client.query(
-                f"SELECT {selected} FROM {table.table} WHERE {condition} AND _is_deleted = 0 GROUP BY {key_list}",
+                f"SELECT {selected} FROM {self.stored(table.table)} WHERE {condition} AND _is_deleted = 0 GROUP BY {key_list}",
                 parameters=parameters,
             )
             for record in result.result_rows:
