@@ -396,7 +396,10 @@ class Pipeline:
         except DeadLetterUnavailable as exc:
             self._insert_failed([partition], state.batch.table.table, exc, every_shard=True)
             return False
-        if state.batch.raw_values:
+        if not self.shards.answers(state.shard):
+            label = self.shards.label(state.shard)
+            outcome = Failed([partition], state.batch.table.table, ConnectionError(f"shard {label} does not answer"))
+        elif state.batch.raw_values:
             assert self.clickhouse is not None
             outcome = self.clickhouse.flush(partition, alone)
         else:

@@ -185,6 +185,10 @@ class ClickHouseSink:
         self.client = client
         self.local = local
 
+    def answers(self, timeout_s: float) -> bool:
+        """The server answers a ping within `timeout_s`."""
+        return self.client.ping(timeout=timeout_s)
+
     def stored(self, table: str) -> str:
         """The table that holds `table`'s rows on this server."""
         return local_name(table) if self.local else table

@@ -22,6 +22,8 @@ from typing import Any
 from consumer.ops import metrics
 from consumer.sink.clickhouse import ClickHouseSink
 
+PING_TIMEOUT_S = 2.0
+
 
 class Shards:
     def __init__(self, sinks: Sequence[ClickHouseSink]):
@@ -46,6 +48,12 @@ class Shards:
     def label(shard: int) -> str:
         """As ClickHouse numbers shards (system.clusters.shard_num): from 1."""
         return str(shard + 1)
+
+    def answers(self, shard: int) -> bool:
+        """A shard that failed is pinged (briefly) before an insert is tried on it again: a
+        server that stopped answering then costs the consumer's loop seconds, not the whole
+        request timeout, and the other shards' partitions keep their turn."""
+        return shard not in self.down or self.sinks[shard].answers(PING_TIMEOUT_S)
 
     def reached(self, shard: int, up: bool) -> None:
         """An insert into `shard` returned (up) or failed (not up)."""

@@ -62,10 +62,15 @@ class ShardSink(FakeSink):
     def __init__(self):
         super().__init__()
         self.down = False
+        self.pings = 0
         self.rows: list[tuple[int, int]] = []
 
     def applied_offsets(self, table, topic):
         return {}
+
+    def answers(self, timeout_s):
+        self.pings += 1
+        return not self.down
 
     def insert(self, table, column_names, rows, token, *args, **kwargs):
         if self.down:
@@ -161,3 +166,5 @@ def test_a_failing_shard_holds_back_only_its_partitions() -> None:
     assert source.committed == dict.fromkeys(range(PARTITIONS), END)
     assert pipeline.ready and pipeline.shards_down == []
     assert shard_up("2") == 1
+    # Once down, shard 2 was pinged before it was tried again; shard 1, never down, was not.
+    assert sinks[1].pings > 0 and sinks[0].pings == 0
