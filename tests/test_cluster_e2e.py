@@ -37,7 +37,9 @@ from tests.faults.helpers import (
     settle_and_check,
 )
 
-pytestmark = [pytest.mark.stack, pytest.mark.slow]
+# `slow` only, like tests/test_stack_scale.py: it brings up a stack of its own and needs no running one
+# (the `stack` marker would start the session's single-node stack beside it for nothing).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # its own stack starts in 2-3 min under load
 
 # Past the project's stack, test_stack's second one (+200) and test_stack_scale's (+400), with
 # room for their node ports (+10 per node).
@@ -136,9 +138,20 @@ def test_two_shards_three_brokers_three_consumers_through_a_broker_kill_and_a_fr
     layout = cluster_stack.layout
     assert layout is not None
     nodes = layout.clickhouse_nodes
-    target = new_target(cluster_stack, tmp_path, CDC_STALL_EXIT_S="60", CDC_CLICKHOUSE_TIMEOUT_S="10")
-    target.env["CDC_CLICKHOUSE_SHARD_URLS"] = ",".join(f"{node.url}/{target.database}" for node in nodes)
-    assert target.env["CDC_CLICKHOUSE_CLUSTER"] == "cdc"
+    # What `cdc-consumer stack env` exports for this stack: the cluster, every shard, every broker.
+    exported = layout.connection_env()
+    assert exported["CDC_CLICKHOUSE_CLUSTER"] == "cdc"
+    assert exported["CDC_CLICKHOUSE_SHARD_URLS"].split(",") == [node.url for node in nodes]
+    assert len(exported["CDC_KAFKA_BOOTSTRAP"].split(",")) == 3
+    target = new_target(
+        cluster_stack,
+        tmp_path,
+        CDC_STALL_EXIT_S="60",
+        CDC_CLICKHOUSE_TIMEOUT_S="10",
+        CDC_CLICKHOUSE_CLUSTER=exported["CDC_CLICKHOUSE_CLUSTER"],
+    )
+    shard_urls = exported["CDC_CLICKHOUSE_SHARD_URLS"].split(",")
+    target.env["CDC_CLICKHOUSE_SHARD_URLS"] = ",".join(f"{url}/{target.database}" for url in shard_urls)
     broker, shard = Kafka(layout, node_id=2), ClickHouse(layout, shard=2)
     supervisor = Supervisor(target, tmp_path)
     frozen = False
