@@ -42,6 +42,18 @@ class StackEndpoints:
     prometheus_url: str
     layout: StackLayout | None  # None on docker: no native process control
 
+    @classmethod
+    def native(cls, layout: StackLayout) -> StackEndpoints:
+        return cls(
+            postgres_dsn=layout.postgres_dsn,
+            kafka_bootstrap=layout.kafka_bootstrap,
+            connect_url=layout.connect_url,
+            schema_registry_url=layout.schema_registry_url,
+            clickhouse_url=layout.clickhouse_url,
+            prometheus_url=layout.prometheus_url,
+            layout=layout,
+        )
+
     def env(self) -> dict[str, str]:
         return {
             "CDC_POSTGRES_DSN": self.postgres_dsn,
@@ -72,15 +84,7 @@ def stack(request: pytest.FixtureRequest) -> Iterator[StackEndpoints]:
     layout = StackLayout.from_env()
     already_running = all(s.healthy for s in manager.status(layout))
     manager.up(layout)
-    endpoints = StackEndpoints(
-        postgres_dsn=layout.postgres_dsn,
-        kafka_bootstrap=layout.kafka_bootstrap,
-        connect_url=layout.connect_url,
-        schema_registry_url=layout.schema_registry_url,
-        clickhouse_url=layout.clickhouse_url,
-        prometheus_url=layout.prometheus_url,
-        layout=layout,
-    )
+    endpoints = StackEndpoints.native(layout)
     os.environ.update(endpoints.env())
     try:
         yield endpoints

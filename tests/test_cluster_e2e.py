@@ -71,15 +71,7 @@ def cluster_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEnd
                 os.environ[name] = value
     try:
         manager.up(layout)
-        yield StackEndpoints(
-            postgres_dsn=layout.postgres_dsn,
-            kafka_bootstrap=layout.kafka_bootstrap,
-            connect_url=layout.connect_url,
-            schema_registry_url=layout.schema_registry_url,
-            clickhouse_url=layout.clickhouse_url,
-            prometheus_url=layout.prometheus_url,
-            layout=layout,
-        )
+        yield StackEndpoints.native(layout)
     finally:
         pids = {s.pid for s in manager.status(layout) if s.pid}
         manager.down(layout)
