@@ -192,8 +192,8 @@ class Settings(BaseSettings):
     # off) fails the insert after this, so its shard backs off and the others keep flowing.
     clickhouse_timeout_s: float = Field(120.0, gt=0)
     # A sharded cluster (consumer.sink.shards): its name in the servers' remote_servers, and one
-    # URL per shard, in the cluster's shard order (shard 1 first); CDC_CLICKHOUSE_URL then is
-    # not used. Partition p of every topic is written to shard p % shards.
+    # URL per shard, in the cluster's shard order (shard 1 first); the consumer writes through
+    # these only. Partition p of every topic is written to shard p % shards.
     clickhouse_cluster: str | None = None
     clickhouse_shard_urls: str | None = None  # comma-separated
     # The cluster replicates through Keeper: Replicated* locals and ON CLUSTER DDL (untested live).

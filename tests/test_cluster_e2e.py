@@ -24,8 +24,9 @@ import pytest
 from cdc_dev.stack import manager, process
 from cdc_dev.stack.components import ClickHouse, Kafka
 from cdc_dev.stack.layout import StackLayout
+from consumer.sink.shards import ClusterMismatch, check_cluster
 from tests.conftest import StackEndpoints
-from tests.consumer_helpers import ConsumerProcess, new_target, start_consumer
+from tests.consumer_helpers import ConsumerProcess, group_lag, new_target, start_consumer, topics_for
 from tests.faults.helpers import (
     Result,
     Traffic,
@@ -103,6 +104,19 @@ class Supervisor:
             self.check()
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
+    def wait_in_step(self, stack: StackEndpoints, timeout: float = 300) -> None:
+        """Until the group's lag is under a few seconds of traffic (so the freeze hits members in
+        step, not ones still starting or catching up after the broker)."""
+        topics = topics_for(self.target.env["CDC_TOPIC_PREFIX"])
+        deadline = time.monotonic() + timeout
+        lag: dict = {}
+        while time.monotonic() < deadline:
+            lag = group_lag(stack.kafka_bootstrap, self.target.group_id, topics)
+            if lag and sum(lag.values()) < 5 * RATE:
+                return
+            self.sleep(2)
+        raise AssertionError(f"the group did not catch up in {timeout}s: {lag}")
+
     def probes(self) -> list[tuple[int, dict, dict]]:
         """(readiness status, readiness body, metrics) of each consumer that answers."""
         found = []
@@ -144,6 +158,12 @@ def test_two_shards_three_brokers_three_consumers_through_a_broker_kill_and_a_fr
     )
     shard_urls = exported["CDC_CLICKHOUSE_SHARD_URLS"].split(",")
     target.env["CDC_CLICKHOUSE_SHARD_URLS"] = ",".join(f"{url}/{target.database}" for url in shard_urls)
+    # The consumer refuses shard URLs out of the cluster's order, or too few of them.
+    nodes_clients = [clickhouse_connect.get_client(dsn=url) for url in shard_urls]
+    check_cluster(nodes_clients, "cdc")
+    for wrong in (nodes_clients[::-1], nodes_clients[:1]):
+        with pytest.raises(ClusterMismatch):
+            check_cluster(wrong, "cdc")
     broker, shard = Kafka(layout, node_id=2), ClickHouse(layout, shard=2)
     supervisor = Supervisor(target, tmp_path)
     frozen = False
@@ -159,7 +179,7 @@ def test_two_shards_three_brokers_three_consumers_through_a_broker_kill_and_a_fr
             supervisor.sleep(10)
             manager.up(layout)
             assert process.wait_until(broker.healthy, 120, interval=0.5), "the killed broker did not come back"
-            supervisor.sleep(10)
+            supervisor.wait_in_step(cluster_stack)
 
             # Freeze shard 2 for 30 s: its partitions back off, shard 1 keeps taking rows.
             first_shard_before = _local_rows(nodes[0].url, target.database, "fact_impressions")

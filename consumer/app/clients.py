@@ -25,12 +25,13 @@ def schema_registry(settings: Settings) -> SchemaRegistry | None:
 
 
 def clickhouse_client(settings: Settings, url: str | None = None):
-    """A client for `url`, by default CDC_CLICKHOUSE_URL (or the embedded ClickHouse)."""
+    """A client for `url`, by default CDC_CLICKHOUSE_URL, else the first shard of a cluster (its
+    Distributed tables and views show every shard), else the embedded ClickHouse."""
     from consumer.sink.clickhouse import connect
 
     try:
         return connect(
-            url or settings.clickhouse_url,
+            url or settings.clickhouse_url or next(iter(settings.shard_urls), None),
             settings.clickhouse_embedded_path,
             compress=settings.clickhouse_compress,
             user=settings.clickhouse_user,

@@ -146,26 +146,60 @@ class Pipeline:
         metrics.rebalances.labels("assign").inc()
         for topic in {t for t, _ in partitions}:
             table = self.mapping.for_topic(topic)
-            missing = self.shards.sinks[0].missing_columns(table)
+            missing = self._missing_columns(table)
             if missing:
                 self.shards.add_columns(table.table, missing)
             mine = [p for t, p in partitions if t == topic]
-            for shard, sink in enumerate(self.shards.sinks):
+            for shard in range(len(self.shards)):
                 on_shard = [p for p in mine if self.shards.of(p) == shard]
                 if on_shard:
-                    self._assign(table, topic, shard, self.bounds.watermarks(sink, table.table, topic, on_shard))
+                    self._assign(table, topic, shard, self._watermarks(table, topic, shard, on_shard))
         log.info("assigned %s", sorted(partitions))
         metrics.assigned_partitions.set(len(self.partitions))
 
-    def _assign(self, table: TableMapping, topic: str, shard: int, watermarks: dict[int, Watermarks]) -> None:
+    def _missing_columns(self, table: TableMapping) -> list[tuple[str, str]]:
+        """Asked of the first shard that answers (every shard has the same columns)."""
+        for sink in self.shards.sinks[:-1]:
+            try:
+                return sink.missing_columns(table)
+            except Exception as exc:
+                log.warning("%s: cannot read its columns from a shard (%s); asking the next", table.table, exc)
+        return self.shards.sinks[-1].missing_columns(table)
+
+    def _watermarks(
+        self, table: TableMapping, topic: str, shard: int, partitions: list[int]
+    ) -> dict[int, Watermarks | None]:
+        """What the shard holds of these partitions; None for each while it does not answer:
+        they are assigned all the same, and wait for it (learn_watermark) while the other shards'
+        partitions go on."""
+        try:
+            if self.shards.answers(shard):
+                return self.bounds.watermarks(self.shards.sinks[shard], table.table, topic, partitions)
+        except Exception as exc:
+            log.warning("%s%s: shard %s does not answer (%s)", topic, partitions, self.shards.label(shard), exc)
+        self.shards.reached(shard, up=False)
+        return dict.fromkeys(partitions)
+
+    def _learn_watermark(self, state: PartitionState) -> bool:
+        """A partition assigned while its shard did not answer: ask again."""
+        topic, p = state.partition
+        marks = self._watermarks(state.batch.table, topic, state.shard, [p])[p]
+        if marks is None:
+            return False
+        state.watermark, state.applied, state.watermark_known = marks.watermark, marks.applied, True
+        state.failures = 0  # nothing of it was batched yet: only the watermark had failed
+        return True
+
+    def _assign(self, table: TableMapping, topic: str, shard: int, watermarks: dict[int, Watermarks | None]) -> None:
         for p, marks in watermarks.items():
             state = PartitionState(
                 (topic, p),
                 PartitionBatch(table, topic, p),
-                marks.watermark,
-                applied=marks.applied,
+                -1 if marks is None else marks.watermark,
+                applied=None if marks is None else marks.applied,
                 latest=self._latest_rows(table),
                 shard=shard,
+                watermark_known=marks is not None,
             )
             if self.bounds.reached((topic, p), -1):
                 state.finish()
@@ -315,6 +349,13 @@ class Pipeline:
         if admission is Admission.SKIP:
             state.batch.skip(offset)
             return True
+        if not state.watermark_known and not self._learn_watermark(state):
+            # Read again from here once its shard answers; backs off like a failed insert.
+            self.source.seek(partition, offset)
+            delay = min(self.config.retry_max_s, self.config.retry_base_s * 2**state.failures)
+            if state.insert_failed(time.monotonic() + delay):
+                self.source.pause([partition])
+            return False
         if offset <= state.watermark or (state.applied is not None and offset in state.applied):
             metrics.messages_skipped.labels(partition[0]).inc()
             self.report.already_applied += 1

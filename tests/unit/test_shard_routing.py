@@ -4,10 +4,12 @@ its own partitions while the others keep flowing; when it returns, nothing is lo
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client import REGISTRY
 
 from consumer.engine.batch import BatchPolicy
 from consumer.engine.partition import Phase
+from consumer.settings import ConfigError, load_settings
 from consumer.sink.shards import Shards
 from tests.fakes import TOPIC, FakeMessage, FakeSink, fake_pipeline
 
@@ -66,6 +68,8 @@ class ShardSink(FakeSink):
         self.rows: list[tuple[int, int]] = []
 
     def applied_offsets(self, table, topic):
+        if self.down:
+            raise ConnectionError("shard unreachable")
         return {}
 
     def answers(self, timeout_s):
@@ -168,3 +172,43 @@ def test_a_failing_shard_holds_back_only_its_partitions() -> None:
     assert shard_up("2") == 1
     # Once down, shard 2 was pinged before it was tried again; shard 1, never down, was not.
     assert sinks[1].pings > 0 and sinks[0].pings == 0
+
+
+def test_partitions_assigned_while_their_shard_is_down_wait_for_its_watermark() -> None:
+    """A rebalance (or a start) while a shard does not answer: its partitions are assigned all
+    the same and wait; the other shard's partitions flow; once it answers, everything once."""
+    pipeline, source, sinks = make_pipeline()
+    sinks[1].down = True
+    source.start()
+    run_until_quiet(pipeline, source)
+    assert sorted(sinks[0].rows) == [(p, o) for p in (0, 2) for o in range(END)]
+    assert sinks[1].rows == [] and 1 not in source.committed and 3 not in source.committed
+    assert not pipeline.partitions[(TOPIC, 1)].watermark_known and pipeline.shards_down == ["2"]
+    assert not pipeline.ready
+
+    sinks[1].down = False
+    for state in pipeline.partitions.values():
+        state.retry_at = 0  # the backoff elapsed
+    run_until_quiet(pipeline, source)
+    assert sorted(sinks[1].rows) == [(p, o) for p in (1, 3) for o in range(END)]
+    assert source.committed == dict.fromkeys(range(PARTITIONS), END)
+    assert pipeline.ready and pipeline.shards_down == []
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ({"clickhouse_cluster": "cdc"}, "go together"),
+        ({"clickhouse_shard_urls": "http://a:8123,http://b:8123"}, "go together"),
+        ({"clickhouse_cluster": "cdc; DROP", "clickhouse_shard_urls": "http://a:8123"}, "plain identifier"),
+        ({"clickhouse_replicated": True}, "needs CDC_CLICKHOUSE_CLUSTER"),
+    ],
+)
+def test_cluster_settings_fail_fast(settings: dict, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        load_settings(**settings)
+
+
+def test_shard_urls_in_order() -> None:
+    settings = load_settings(clickhouse_cluster="cdc", clickhouse_shard_urls=" http://a:8123/db , http://b:8123/db ")
+    assert settings.shard_urls == ["http://a:8123/db", "http://b:8123/db"]
