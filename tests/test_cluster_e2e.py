@@ -13,7 +13,9 @@ found the frozen shard unreachable) is started again, and the test reports how o
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,11 +53,14 @@ RATE = scaled(400, 1500)  # change events per second: two cores carry the stack,
 
 
 @pytest.fixture(scope="module")
-def cluster_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEndpoints]:
+def cluster_stack() -> Iterator[StackEndpoints]:
     home = StackLayout.from_env()
+    # Not under pytest's temporary root: another pytest on the machine may set that back to 0700
+    # while Postgres (another user) needs to reach its data directory.
+    state = Path(tempfile.mkdtemp(prefix="cdc-cluster-stack-"))
     env = {
         "CDC_STACK_LIB": str(home.lib),
-        "CDC_STACK_DIR": str(tmp_path_factory.mktemp("cluster") / "stack"),
+        "CDC_STACK_DIR": str(state / "stack"),
         "CDC_STACK_PORT_OFFSET": str(int(os.environ.get("CDC_STACK_PORT_OFFSET", "0")) + CLUSTER_PORT_SHIFT),
         "CDC_STACK_CLICKHOUSE_SHARDS": "2",
         "CDC_STACK_KAFKA_BROKERS": "3",
@@ -77,6 +82,7 @@ def cluster_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEnd
         pids = {s.pid for s in manager.status(layout) if s.pid}
         manager.down(layout)
         assert not [pid for pid in pids if process.is_alive(pid)], "a part outlived `stack down`"
+        shutil.rmtree(state, ignore_errors=True)
 
 
 class Supervisor:
