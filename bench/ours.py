@@ -104,7 +104,7 @@ def run_ours(
     bootstrap: str,
     group_id: str,
     ends: dict[Partition, int],
-    clickhouse_pid: int | None,
+    clickhouse_pids: list[int],
     clickhouse,
     events: int,
     log: Path,
@@ -114,8 +114,9 @@ def run_ours(
     """Start the consumer on fresh topics, wait for group lag 0; CPU of both processes from /proc,
     ClickHouse's up to the end of the merges of what the consumer wrote."""
     settle_s = procstat.merges_settled(clickhouse)
-    ch_idle = procstat.idle_cpu_rate(clickhouse_pid) if clickhouse_pid else 0.0
-    ch_cpu0 = procstat.cpu_seconds(clickhouse_pid) if clickhouse_pid else 0.0
+    # Every ClickHouse node's CPU (a cluster's shards), each less its idle rate.
+    ch_idle = sum(procstat.idle_cpu_rate(pid) for pid in clickhouse_pids)
+    ch_cpu0 = sum(map(procstat.cpu_seconds, clickhouse_pids))
     group = GroupProgress(bootstrap, group_id, list(ends))
     spawned = time.monotonic()
     consumer = start_consumer(env, log)
@@ -129,7 +130,7 @@ def run_ours(
         consumer_cpu = procstat.cpu_seconds(consumer.pid)
         threads = procstat.thread_cpu(consumer.pid)
         merges_s = procstat.merges_settled(clickhouse)
-        ch_cpu1 = procstat.cpu_seconds(clickhouse_pid) if clickhouse_pid else 0.0
+        ch_cpu1 = sum(map(procstat.cpu_seconds, clickhouse_pids))
         settled = time.monotonic()
         sampler.stop()
         peak = max(sampler.peak_rss, procstat.peak_rss_bytes(consumer.pid))
@@ -147,7 +148,7 @@ def run_ours(
     if code not in (0, None):
         raise RuntimeError(f"consumer exited with {code}:\n{consumer.tail()}")
     ingest_s = done - started
-    ch_cpu = max(0.0, ch_cpu1 - ch_cpu0 - ch_idle * (settled - spawned)) if clickhouse_pid else None
+    ch_cpu = max(0.0, ch_cpu1 - ch_cpu0 - ch_idle * (settled - spawned)) if clickhouse_pids else None
     per_million = 1e6 / events
     # Start-up (interpreter, imports, migrations, group join) is reported apart: per-million
     # figures are for the ingest itself.

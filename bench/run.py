@@ -293,7 +293,7 @@ def phase_ours(stack: Stack, args, prefix: str, events: int) -> dict:
         bootstrap=stack.kafka,
         group_id=group,
         ends=ends,
-        clickhouse_pid=stack.clickhouse_pid,
+        clickhouse_pids=[stack.clickhouse_pid] if stack.clickhouse_pid else [],
         clickhouse=stack.ch(),
         events=events,
         log=RESULTS / "logs" / f"{prefix}-consumer.log",

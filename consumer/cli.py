@@ -165,11 +165,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from consumer.app.clients import clickhouse_client
+    from consumer.app.clients import clickhouse_nodes
     from consumer.settings import load_settings
-    from consumer.sink.migrate import apply_migrations
+    from consumer.sink.migrate import apply_to_shards
 
-    applied = apply_migrations(clickhouse_client(load_settings()))
+    applied = apply_to_shards(*clickhouse_nodes(load_settings()))
     console().print(f"applied: {', '.join(applied) or 'nothing (up to date)'}")
     return 0
 

@@ -188,6 +188,16 @@ class Settings(BaseSettings):
     clickhouse_verify: bool = True
     # LZ4 on the HTTP inserts and results: for a ClickHouse across a slow network (costs CPU).
     clickhouse_compress: bool = False
+    # How long one request to ClickHouse may take: a server that stopped answering (frozen, cut
+    # off) fails the insert after this, so its shard backs off and the others keep flowing.
+    clickhouse_timeout_s: float = Field(120.0, gt=0)
+    # A sharded cluster (consumer.sink.shards): its name in the servers' remote_servers, and one
+    # URL per shard, in the cluster's shard order (shard 1 first); the consumer writes through
+    # these only. Partition p of every topic is written to shard p % shards.
+    clickhouse_cluster: str | None = None
+    clickhouse_shard_urls: str | None = None  # comma-separated
+    # The cluster replicates through Keeper: Replicated* locals and ON CLUSTER DDL (untested live).
+    clickhouse_replicated: bool = False
     prometheus_url: str | None = None
 
     # The consumer (`cdc-consumer run`)
@@ -362,7 +372,20 @@ class Settings(BaseSettings):
         problems += _credentials_twice("CDC_CLICKHOUSE", url, self.clickhouse_user, self.clickhouse_password)
         if not self.clickhouse_url and (self.clickhouse_user or self.clickhouse_password):
             problems.append("CDC_CLICKHOUSE_USER / _PASSWORD need CDC_CLICKHOUSE_URL (the embedded one has no users)")
+        if bool(self.clickhouse_cluster) != bool(self.clickhouse_shard_urls):
+            problems.append("CDC_CLICKHOUSE_CLUSTER and CDC_CLICKHOUSE_SHARD_URLS go together (one URL per shard)")
+        if self.clickhouse_cluster and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.clickhouse_cluster):
+            problems.append(f"CDC_CLICKHOUSE_CLUSTER must be a plain identifier, not {self.clickhouse_cluster!r}")
+        if self.clickhouse_replicated and not self.clickhouse_cluster:
+            problems.append("CDC_CLICKHOUSE_REPLICATED needs CDC_CLICKHOUSE_CLUSTER")
         return problems
+
+    @property
+    def shard_urls(self) -> list[str]:
+        """One ClickHouse URL per shard; the one server's URL when there is no cluster."""
+        if not self.clickhouse_shard_urls:
+            return [self.clickhouse_url] if self.clickhouse_url else []
+        return [url.strip() for url in self.clickhouse_shard_urls.split(",") if url.strip()]
 
     def _registry_problems(self) -> list[str]:
         url = urlsplit(self.schema_registry_url or "")

@@ -49,6 +49,23 @@ class StackEndpoints:
     # The secured stack's extra connection settings (`stack env`): credentials and CA.
     security_env: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def native(cls, layout: StackLayout) -> StackEndpoints:
+        endpoints = cls(
+            postgres_dsn=layout.postgres_dsn,
+            kafka_bootstrap=layout.kafka_bootstrap,
+            connect_url=layout.connect_url,
+            schema_registry_url=layout.schema_registry_url,
+            clickhouse_url=layout.clickhouse_url,
+            prometheus_url=layout.prometheus_url,
+            layout=layout,
+        )
+        if not layout.secure:
+            return endpoints
+        plain = endpoints.env()
+        security = {k: v for k, v in layout.connection_env().items() if k not in plain}
+        return dataclasses.replace(endpoints, security_env=security)
+
     def env(self) -> dict[str, str]:
         return {
             "CDC_POSTGRES_DSN": self.postgres_dsn,
@@ -108,19 +125,7 @@ def stack(request: pytest.FixtureRequest) -> Iterator[StackEndpoints]:
     layout = StackLayout.from_env()
     already_running = all(s.healthy for s in manager.status(layout))
     manager.up(layout)
-    endpoints = StackEndpoints(
-        postgres_dsn=layout.postgres_dsn,
-        kafka_bootstrap=layout.kafka_bootstrap,
-        connect_url=layout.connect_url,
-        schema_registry_url=layout.schema_registry_url,
-        clickhouse_url=layout.clickhouse_url,
-        prometheus_url=layout.prometheus_url,
-        layout=layout,
-    )
-    if layout.secure:
-        plain = endpoints.env()
-        security = {k: v for k, v in layout.connection_env().items() if k not in plain}
-        endpoints = dataclasses.replace(endpoints, security_env=security)
+    endpoints = StackEndpoints.native(layout)
     os.environ.update(endpoints.env())
     try:
         yield endpoints

@@ -99,6 +99,9 @@ class FakeSink:
     def missing_columns(self, table):
         return []
 
+    def answers(self, timeout_s):
+        return True
+
 
 class FakeEvent:
     op = "c"

@@ -225,7 +225,7 @@ def dead_lettered(bootstrap: str, topic: str) -> list[tuple[str, int, int]]:
 
 def answer_lost_once(pipeline: Pipeline) -> list[int]:
     """The next insert is written, but the pipeline hears only an error."""
-    real = pipeline.clickhouse.server.insert
+    real = pipeline.clickhouse.servers[0].insert  # one server: its only shard
     calls: list[int] = []
 
     def insert(plan, segments, token):
@@ -234,7 +234,7 @@ def answer_lost_once(pipeline: Pipeline) -> list[int]:
         if len(calls) == 1:
             raise LostAnswer("connection reset after the insert was sent")
 
-    pipeline.clickhouse.server.insert = insert
+    pipeline.clickhouse.servers[0].insert = insert
     return calls
 
 

@@ -285,7 +285,7 @@ class StackLayout:
         }
         if self.clickhouse_shards > 1:
             env["CDC_CLICKHOUSE_CLUSTER"] = CLICKHOUSE_CLUSTER
-            env["CDC_STACK_CLICKHOUSE_URLS"] = ",".join(node.url for node in self.clickhouse_nodes)
+            env["CDC_CLICKHOUSE_SHARD_URLS"] = ",".join(node.url for node in self.clickhouse_nodes)
         if self.secure:
             kafka = self.kafka_client_properties()
             ca = str(self.certificates().ca)

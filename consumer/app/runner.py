@@ -8,7 +8,7 @@ import os
 import threading
 import time
 
-from consumer.app.clients import clickhouse_client, schema_registry
+from consumer.app.clients import clickhouse_shards, schema_registry
 from consumer.decode.envelope import EnvelopeDecoder
 from consumer.engine.batch import BatchPolicy
 from consumer.engine.bounds import Bounds
@@ -21,8 +21,6 @@ from consumer.ops import metrics
 from consumer.ops.http import OperationsServer, pipeline_probes
 from consumer.ops.lag_exporter import LagMonitor
 from consumer.settings import ConfigError, Settings
-from consumer.sink.clickhouse import ClickHouseSink
-from consumer.sink.migrate import apply_migrations
 from consumer.transform.mapping import Mapper, load_mapping
 
 log = logging.getLogger(__name__)
@@ -35,10 +33,7 @@ def build_pipeline(settings: Settings, topics: list[str] | None = None, bounds: 
         mapping = load_mapping(settings.mapping_file, settings.topic_prefix)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    client = clickhouse_client(settings)
-    applied = apply_migrations(client)
-    if applied:
-        log.info("applied ClickHouse migrations: %s", ", ".join(applied))
+    shards = clickhouse_shards(settings)
     registry = schema_registry(settings)
     source_config = SourceConfig(
         kafka=kafka,
@@ -52,7 +47,7 @@ def build_pipeline(settings: Settings, topics: list[str] | None = None, bounds: 
         source_factory=lambda *callbacks: KafkaSource(source_config, *callbacks),
         decoder=EnvelopeDecoder(registry),
         mapper=Mapper(mapping, settings.truncate_action),
-        sink=ClickHouseSink(client),
+        sink=shards,
         dlq=DeadLetterQueue(kafka, settings.dlq_topic),
         config=PipelineConfig(
             batch=BatchPolicy(

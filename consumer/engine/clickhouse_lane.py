@@ -25,9 +25,9 @@ from consumer.engine.lanes import Applied, Assignment, Failed, FlushOutcome, Rej
 from consumer.engine.partition import PartitionState
 from consumer.kafka.source import Partition
 from consumer.ops.metrics import server_fallbacks
-from consumer.sink.clickhouse import ClickHouseSink
 from consumer.sink.server_plan import Rejected as ClickHouseRefused
 from consumer.sink.server_plan import ServerDecoder
+from consumer.sink.shards import Shards
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,14 @@ class ClickHouseLane:
     def __init__(
         self,
         assignment: Assignment,
-        server: ServerDecoder,
-        sink: ClickHouseSink,
+        servers: list[ServerDecoder],
+        shards: Shards,
         decoder: EnvelopeDecoder,
         token_suffix: str = "",
     ):
         self.assignment = assignment
-        self.server = server
-        self.sink = sink
+        self.servers = servers  # one per shard: its plans write the shard's tables
+        self.shards = shards
         self.decoder = decoder
         self.token_suffix = token_suffix
         self._in_doubt: list[InDoubt] = []
@@ -64,7 +64,7 @@ class ClickHouseLane:
         if state.fast_table is batch.table and value.startswith(state.fast_header):
             plan = state.fast_plan
         else:
-            plan = self.server.plan(batch.table, bytes(value[:5]))
+            plan = self.servers[state.shard].plan(batch.table, bytes(value[:5]))
             if plan is not None:
                 state.fast_header, state.fast_plan, state.fast_table = plan.header, plan, batch.table
         if plan is None or (batch.plan is not None and batch.plan is not plan):
@@ -95,7 +95,7 @@ class ClickHouseLane:
             self._insert(group)
         except ClickHouseRefused as exc:
             states = [self.assignment.partitions[p] for p in group]
-            applied = self.sink.applied_offsets(table, topic)
+            applied = self.shards.sink(partition[1]).applied_offsets(table, topic)
             if any(applied.get(s.partition[1], -1) > s.watermark for s in states):
                 # Rows of this insert did reach ClickHouse (a view failed after the facts were
                 # written): only the same insert again, deduplicated, may complete it.
@@ -120,6 +120,7 @@ class ClickHouseLane:
         taken = {p for doubt in self._in_doubt for p, _, _ in doubt}
         return self.assignment.group(
             partition,
+            # A plan is one shard's (its server compiled it), so a group stays on one shard.
             lambda b: b.raw_values and b.plan is batch.plan and (b.topic, b.partition) not in taken,
             len(batch.raw_values),
         )
@@ -146,7 +147,7 @@ class ClickHouseLane:
         if len(members) == len(doubt) and all(len(b.raw_values) == n for _, b, n in doubt):
             return
         batch = partitions[partition].batch
-        applied = self.sink.applied_offsets(batch.table.table, batch.topic) if members else {}
+        applied = self.shards.sink(batch.partition).applied_offsets(batch.table.table, batch.topic) if members else {}
         self._in_doubt.remove(doubt)
         for p, member in members:
             watermark = applied.get(p[1], -1)
@@ -159,7 +160,7 @@ class ClickHouseLane:
     def _insert(self, group: list[Partition]) -> None:
         batches = [self.assignment.partitions[p].batch for p in group]
         started = time.perf_counter()
-        self.server.insert(
+        self.servers[self.shards.of(batches[0].partition)].insert(
             batches[0].plan,
             [(b.partition, b.raw_offsets, b.raw_values) for b in batches],
             ",".join(b.raw_dedup_token for b in batches) + self.token_suffix,

@@ -46,6 +46,8 @@ class PartitionState:
     # Bounded runs (replay): offsets inside the range whose rows ClickHouse already holds.
     applied: AppliedOffsets | None = None
     latest: LatestRows | None = None  # dimension partitions: the rows last applied, by key
+    shard: int = 0  # the ClickHouse shard that holds its rows (consumer.sink.shards)
+    watermark_known: bool = True  # False: assigned while its shard did not answer; nothing applied yet
     # Counted per message, handed to Prometheus once per step (a labelled inc per message is dear).
     consumed: int = 0
     consumed_bytes: int = 0

@@ -25,7 +25,7 @@ from confluent_kafka import Message
 from consumer.core.errors import DeadLetterUnavailable, MappingError
 from consumer.decode.envelope import EnvelopeDecoder
 from consumer.engine.batch import BatchPolicy, PartitionBatch
-from consumer.engine.bounds import Admission, Bounds, Unbounded
+from consumer.engine.bounds import Admission, Bounds, Unbounded, Watermarks
 from consumer.engine.breaker import PoisonBreaker
 from consumer.engine.clickhouse_lane import ClickHouseLane
 from consumer.engine.commit import CommitPolicy
@@ -39,6 +39,7 @@ from consumer.ops import metrics
 from consumer.sink.clickhouse import ClickHouseSink, LatestRows
 from consumer.sink.refusals import first_line, refused_for_data
 from consumer.sink.server_plan import for_sink
+from consumer.sink.shards import Shards
 from consumer.transform.mapping import ColumnMapping, Mapper, Mapping, NewColumns, TableMapping
 
 log = logging.getLogger(__name__)
@@ -74,14 +75,15 @@ class Pipeline:
         source_factory: Callable[..., KafkaSource],
         decoder: EnvelopeDecoder,
         mapper: Mapper,
-        sink: ClickHouseSink,
+        sink: ClickHouseSink | Shards,
         dlq: DeadLetterQueue,
         config: PipelineConfig | None = None,
         bounds: Bounds | None = None,
     ):
         self.decoder = decoder
         self.mapper = mapper
-        self.sink = sink
+        # One server is one shard; on a cluster each partition's rows go to its own shard.
+        self.shards = sink if isinstance(sink, Shards) else Shards([sink])
         self.dlq = dlq
         self.config = config or PipelineConfig()
         self.bounds = bounds or Unbounded()
@@ -100,11 +102,20 @@ class Pipeline:
             config.poison_breaker_share, config.poison_breaker_min_messages, config.poison_breaker_window_s
         )
         self.python = PythonLane(
-            assignment, decoder, mapper, sink, dlq, evolve=self._evolve, breaker=self.breaker, token_suffix=suffix
+            assignment,
+            decoder,
+            mapper,
+            self.shards,
+            dlq,
+            evolve=self._evolve,
+            breaker=self.breaker,
+            token_suffix=suffix,
         )
         # The ClickHouse lane serves the live service only: a replay decodes in Python.
-        server = for_sink(sink, decoder) if self.config.server_decode and self.bounds.live else None
-        self.clickhouse = ClickHouseLane(assignment, server, sink, decoder, suffix) if server else None
+        servers = [for_sink(s, decoder) for s in self.shards.sinks] if config.server_decode and self.bounds.live else []
+        self.clickhouse = (
+            ClickHouseLane(assignment, servers, self.shards, decoder, suffix) if servers and all(servers) else None
+        )
         metrics.latest_rows_bytes.set_function(self._latest_rows_bytes)
 
     @property
@@ -114,6 +125,11 @@ class Pipeline:
     @property
     def paused(self) -> set[Partition]:
         return {p for p, s in list(self.partitions.items()) if s.paused}
+
+    @property
+    def shards_down(self) -> list[str]:
+        """The shards (numbered from 1) whose last insert failed."""
+        return sorted(map(self.shards.label, self.shards.down))
 
     @property
     def ready(self) -> bool:
@@ -131,23 +147,64 @@ class Pipeline:
         metrics.rebalances.labels("assign").inc()
         for topic in {t for t, _ in partitions}:
             table = self.mapping.for_topic(topic)
-            missing = self.sink.missing_columns(table)
+            missing = self._missing_columns(table)
             if missing:
-                self.sink.add_columns(table.table, missing)
+                self.shards.add_columns(table.table, missing)
             mine = [p for t, p in partitions if t == topic]
-            for p, marks in self.bounds.watermarks(self.sink, table.table, topic, mine).items():
-                state = PartitionState(
-                    (topic, p),
-                    PartitionBatch(table, topic, p),
-                    marks.watermark,
-                    applied=marks.applied,
-                    latest=self._latest_rows(table),
-                )
-                if self.bounds.reached((topic, p), -1):
-                    state.finish()
-                self.partitions[(topic, p)] = state
+            for shard in range(len(self.shards)):
+                on_shard = [p for p in mine if self.shards.of(p) == shard]
+                if on_shard:
+                    self._assign(table, topic, shard, self._watermarks(table, topic, shard, on_shard))
         log.info("assigned %s", sorted(partitions))
         metrics.assigned_partitions.set(len(self.partitions))
+
+    def _missing_columns(self, table: TableMapping) -> list[tuple[str, str]]:
+        """Asked of the first shard that answers (every shard has the same columns)."""
+        for sink in self.shards.sinks[:-1]:
+            try:
+                return sink.missing_columns(table)
+            except Exception as exc:
+                log.warning("%s: cannot read its columns from a shard (%s); asking the next", table.table, exc)
+        return self.shards.sinks[-1].missing_columns(table)
+
+    def _watermarks(
+        self, table: TableMapping, topic: str, shard: int, partitions: list[int]
+    ) -> dict[int, Watermarks | None]:
+        """What the shard holds of these partitions; None for each while it does not answer:
+        they are assigned all the same, and wait for it (learn_watermark) while the other shards'
+        partitions go on."""
+        try:
+            if self.shards.answers(shard):
+                return self.bounds.watermarks(self.shards.sinks[shard], table.table, topic, partitions)
+        except Exception as exc:
+            log.warning("%s%s: shard %s does not answer (%s)", topic, partitions, self.shards.label(shard), exc)
+        self.shards.reached(shard, up=False)
+        return dict.fromkeys(partitions)
+
+    def _learn_watermark(self, state: PartitionState) -> bool:
+        """A partition assigned while its shard did not answer: ask again."""
+        topic, p = state.partition
+        marks = self._watermarks(state.batch.table, topic, state.shard, [p])[p]
+        if marks is None:
+            return False
+        state.watermark, state.applied, state.watermark_known = marks.watermark, marks.applied, True
+        state.failures = 0  # nothing of it was batched yet: only the watermark had failed
+        return True
+
+    def _assign(self, table: TableMapping, topic: str, shard: int, watermarks: dict[int, Watermarks | None]) -> None:
+        for p, marks in watermarks.items():
+            state = PartitionState(
+                (topic, p),
+                PartitionBatch(table, topic, p),
+                -1 if marks is None else marks.watermark,
+                applied=None if marks is None else marks.applied,
+                latest=self._latest_rows(table),
+                shard=shard,
+                watermark_known=marks is not None,
+            )
+            if self.bounds.reached((topic, p), -1):
+                state.finish()
+            self.partitions[(topic, p)] = state
 
     def _latest_rows(self, table: TableMapping) -> LatestRows | None:
         if table.role != "dimension":
@@ -293,6 +350,13 @@ class Pipeline:
         if admission is Admission.SKIP:
             state.batch.skip(offset)
             return True
+        if not state.watermark_known and not self._learn_watermark(state):
+            # Read again from here once its shard answers; backs off like a failed insert.
+            self.source.seek(partition, offset)
+            delay = min(self.config.retry_max_s, self.config.retry_base_s * 2**state.failures)
+            if state.insert_failed(time.monotonic() + delay):
+                self.source.pause([partition])
+            return False
         if offset <= state.watermark or (state.applied is not None and offset in state.applied):
             metrics.messages_skipped.labels(partition[0]).inc()
             self.report.already_applied += 1
@@ -349,7 +413,7 @@ class Pipeline:
             if state.batch.table.table == name and not self._flush(partition):
                 raise BlockingIOError(f"{name}: batches must be written before its columns change")
         try:
-            self.sink.add_columns(name, [(c.name, c.clickhouse_type) for c in change.columns], evolved=True)
+            self.shards.add_columns(name, [(c.name, c.clickhouse_type) for c in change.columns], evolved=True)
         except Exception as exc:
             if refused_for_data(exc):
                 raise MappingError(
@@ -368,7 +432,7 @@ class Pipeline:
         this one before a restart) added first keeps the type it was added with, whatever the
         value that found it missing this time. MappingError for a type the mapping cannot hold."""
         try:
-            stored = self.sink.columns(table)
+            stored = self.shards.sinks[-1].columns(table)
         except Exception as exc:
             raise BlockingIOError(f"{table}: cannot read its columns now ({first_line(exc)})") from exc
         widened = []
@@ -385,7 +449,7 @@ class Pipeline:
         columns evolution may add to it (counted in ClickHouse, so across restarts)."""
         name = change.table.table
         try:
-            evolved = self.sink.evolved_columns(name)
+            evolved = self.shards.sinks[-1].evolved_columns(name)
         except Exception as exc:
             raise BlockingIOError(f"{name}: cannot read its columns now ({first_line(exc)})") from exc
         wanted = evolved | {c.name for c in change.columns}
@@ -406,9 +470,12 @@ class Pipeline:
         try:
             self.dlq.flush()  # nothing past a dead-lettered message is written before the DLQ holds it
         except DeadLetterUnavailable as exc:
-            self._insert_failed([partition], state.batch.table.table, exc)
+            self._insert_failed([partition], state.batch.table.table, exc, every_shard=True)
             return False
-        if state.batch.raw_values:
+        if not self.shards.answers(state.shard):
+            label = self.shards.label(state.shard)
+            outcome = Failed([partition], state.batch.table.table, ConnectionError(f"shard {label} does not answer"))
+        elif state.batch.raw_values:
             assert self.clickhouse is not None
             outcome = self.clickhouse.flush(partition, alone)
         else:
@@ -419,9 +486,11 @@ class Pipeline:
         match outcome:
             case Applied(group):
                 self._last_insert[state.batch.table.table] = time.monotonic()
+                self.shards.reached(state.shard, up=True)
                 self._applied(group)
                 return True
             case Failed(group, table, error):
+                self.shards.reached(state.shard, up=False)
                 self._insert_failed(group, table, error)
                 return False
             case Rejected(group, reason) if len(group) > 1:
@@ -437,17 +506,24 @@ class Pipeline:
                 return self._flush(state.partition)
         raise AssertionError(outcome)
 
-    def _insert_failed(self, partitions: list[Partition], table: str, exc: Exception) -> None:
+    def _insert_failed(
+        self, partitions: list[Partition], table: str, exc: Exception, every_shard: bool = False
+    ) -> None:
         metrics.insert_retries.labels(table).inc()
         failures = 1 + max(self.partitions[p].failures for p in partitions)
         delay = min(self.config.retry_max_s, self.config.retry_base_s * 2 ** (failures - 1))
         log.error(
             "writing %s failed (%s: %s); retry in %.1fs, partitions paused", table, type(exc).__name__, exc, delay
         )
-        # Every partition backs off, not only the failed ones (backpressure: nothing grows while
-        # ClickHouse cannot take it); also on a final flush (a revocation).
+        # Every partition of the failed shard backs off, not only the failed ones (backpressure:
+        # nothing grows while ClickHouse cannot take it); also on a final flush (a revocation).
+        # The other shards' partitions keep flowing; a dead-letter topic that cannot store holds
+        # back every shard.
         until = time.monotonic() + delay
+        failed = {self.partitions[p].shard for p in partitions}
         for partition, state in self.partitions.items():
+            if not every_shard and state.shard not in failed:
+                continue
             pause = state.insert_failed(until) if partition in partitions else state.hold(until)
             if pause:
                 self.source.pause([partition])

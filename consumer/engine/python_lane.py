@@ -21,8 +21,9 @@ from consumer.engine.lanes import Applied, Assignment, Failed, FlushOutcome
 from consumer.engine.partition import PartitionState
 from consumer.kafka.source import Partition
 from consumer.ops import metrics
-from consumer.sink.clickhouse import ClickHouseSink, UnresolvedPrevious
+from consumer.sink.clickhouse import UnresolvedPrevious
 from consumer.sink.refusals import first_line, refused_for_data
+from consumer.sink.shards import Shards
 from consumer.transform.mapping import Mapper, NewColumns, TableMapping
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class PythonLane:
         assignment: Assignment,
         decoder: EnvelopeDecoder,
         mapper: Mapper,
-        sink: ClickHouseSink,
+        shards: Shards,
         dlq: DeadLetterQueue,
         *,
         evolve: Callable[[NewColumns], TableMapping],
@@ -44,7 +45,7 @@ class PythonLane:
         self.assignment = assignment
         self.decoder = decoder
         self.mapper = mapper
-        self.sink = sink
+        self.shards = shards
         self.dlq = dlq
         self.evolve = evolve  # widens a table (flushing its batches first); raises BlockingIOError if it cannot
         self.breaker = breaker
@@ -103,12 +104,21 @@ class PythonLane:
 
     def flush(self, partition: Partition) -> FlushOutcome:
         """One insert of the partition's rows; for a dimension table, with the table's other row
-        batches (versioned rows: a row written twice is one row, so any grouping is safe)."""
+        batches on its shard (versioned rows: a row written twice is one row, so any grouping is
+        safe)."""
         batch = self.assignment.partitions[partition].batch
         group = [partition]
         if batch.table.role == "dimension":
+            shard = self.shards.of(batch.partition)
             group = self.assignment.group(
-                partition, lambda b: b.table is batch.table and b.messages > 0 and not b.raw_values, len(batch.rows)
+                partition,
+                lambda b: (
+                    b.table is batch.table
+                    and b.messages > 0
+                    and not b.raw_values
+                    and self.shards.of(b.partition) == shard
+                ),
+                len(batch.rows),
             )
         batches = [self.assignment.partitions[p].batch for p in group]
         try:
@@ -171,7 +181,7 @@ class PythonLane:
         token = ",".join(b.dedup_token for b in batches if b.rows) + self.token_suffix
         partitions = self.assignment.partitions
         latest = {(b.topic, b.partition): partitions[(b.topic, b.partition)].latest for b in batches}
-        self.sink.insert(first.table, first.column_names, rows, token, assertions, latest)
+        self.shards.sink(first.partition).insert(first.table, first.column_names, rows, token, assertions, latest)
         commit_times = (ms for batch in batches for ms in batch.commit_ts_ms)
         self.assignment.inserted(first.table.table, started, len(rows), commit_times)
 

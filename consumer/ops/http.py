@@ -152,6 +152,10 @@ def pipeline_probes(pipeline, live_timeout_s: float = 300.0) -> tuple[Probe, Pro
 
     def ready() -> tuple[bool, dict]:
         paused = sorted(f"{t}[{p}]" for t, p in set(pipeline.paused))
-        return pipeline.ready, {"assigned_partitions": len(pipeline.partitions), "paused_partitions": paused}
+        return pipeline.ready, {
+            "assigned_partitions": len(pipeline.partitions),
+            "paused_partitions": paused,
+            "clickhouse_shards_down": pipeline.shards_down,
+        }
 
     return live, ready

@@ -44,6 +44,11 @@ assigned_partitions = Gauge("cdc_assigned_partitions", "Partitions assigned to t
 latest_rows_bytes = Gauge(
     "cdc_latest_rows_bytes", "Bytes of the dimension rows kept for unchanged (TOASTed) columns, all partitions"
 )
+clickhouse_shard_up = Gauge(
+    "cdc_clickhouse_shard_up",
+    "0 after an insert into this ClickHouse shard failed (its partitions back off), 1 once one succeeds",
+    ["shard"],
+)
 last_insert_timestamp = Gauge("cdc_last_successful_insert_timestamp_seconds", "Unix time of the last insert")
 server_fallbacks = Counter(
     "cdc_server_decode_fallbacks_total",

@@ -21,6 +21,7 @@ from pydantic import SecretStr
 
 from consumer.core.identifiers import check_identifier, quote
 from consumer.core.secrets import hide_password, redact_secrets
+from consumer.sink.cluster_ddl import local_name
 from consumer.sink.migrate import applied_offsets
 from consumer.transform.clickhouse_types import canonical_type, sql_string
 from consumer.transform.mapping import KEEP_PREVIOUS, TableMapping
@@ -70,6 +71,7 @@ def connect(
     client_cert: Path | None = None,
     client_key: Path | None = None,
     verify: bool = True,
+    timeout_s: float = 120.0,
 ) -> Client:
     """A client for `CDC_CLICKHOUSE_URL` (http[s]://[user:password@]host:port/database), or, with
     no URL, an embedded ClickHouse (chDB) keeping its data in `embedded_path`. `compress`: LZ4 on
@@ -78,8 +80,9 @@ def connect(
 
     `user` and `password` stand in for the URL's; over https the server's certificate is verified
     (against `ca_cert` when given) unless `verify` is off, and `client_cert`/`client_key`
-    authenticate the consumer to a server that asks for a certificate. Errors name the URL with
-    its password redacted."""
+    authenticate the consumer to a server that asks for a certificate. `timeout_s` bounds each
+    request (a server that stopped answering fails it). Errors name the URL with its password
+    redacted."""
     _lists_only()
     if not url:
         path = embedded_path or Path(".cdc-clickhouse")
@@ -102,7 +105,7 @@ def connect(
         "password": password if password is not None else unquote(parsed.password or ""),
         "secure": parsed.scheme == "https",
         "connect_timeout": 10,
-        "send_receive_timeout": 120,
+        "send_receive_timeout": timeout_s,
         "autogenerate_session_id": False,
         "compress": compress,
     }
@@ -187,12 +190,25 @@ class LatestRows:
 
 
 class ClickHouseSink:
-    def __init__(self, client: Client):
+    """One ClickHouse server. On a cluster, one shard's: `local` writes and reads its shard-local
+    tables (`<table>_local`, consumer.sink.cluster_ddl), which hold every row of the Kafka
+    partitions routed to it (consumer.sink.shards)."""
+
+    def __init__(self, client: Client, local: bool = False):
         self.client = client
+        self.local = local
+
+    def answers(self, timeout_s: float) -> bool:
+        """The server answers a ping within `timeout_s`."""
+        return self.client.ping(timeout=timeout_s)
+
+    def stored(self, table: str) -> str:
+        """The table that holds `table`'s rows on this server."""
+        return local_name(table) if self.local else table
 
     def applied_offsets(self, table: str, topic: str) -> dict[int, int]:
         """partition → highest Kafka offset whose rows are in `table` (the applied watermark)."""
-        return applied_offsets(self.client, table, topic)
+        return applied_offsets(self.client, self.stored(table), topic)
 
     def applied_in_ranges(self, table: str, topic: str, ranges: dict[int, range]) -> dict[int, AppliedOffsets]:
         """partition → the offsets inside `ranges[partition]` whose rows are in `table`.
@@ -213,7 +229,7 @@ class ClickHouseSink:
             f"""
             SELECT _partition, min(o), max(o) FROM (
                 SELECT _partition, o, toInt64(o) - toInt64(row_number() OVER (PARTITION BY _partition ORDER BY o)) AS run
-                FROM (SELECT DISTINCT _partition, _offset AS o FROM {quote(table)} WHERE _topic = {{topic:String}} AND ({condition}))
+                FROM (SELECT DISTINCT _partition, _offset AS o FROM {quote(self.stored(table))} WHERE _topic = {{topic:String}} AND ({condition}))
             ) GROUP BY _partition, run""",
             parameters={"topic": topic},
         )
@@ -227,9 +243,11 @@ class ClickHouseSink:
         `evolved`, those schema evolution adds (marked so by their comment). Every name is checked
         and quoted, every type parsed (consumer.core.identifiers, canonical_type)."""
         comment = f" COMMENT {sql_string(EVOLVED_COMMENT)}" if evolved else ""
+        # On a shard, the local table first: its Distributed table must not name a column it lacks.
         statements = [
-            f"ALTER TABLE {quote(table, 'table')} ADD COLUMN IF NOT EXISTS {quote(name, 'column')} "
+            f"ALTER TABLE {quote(stored, 'table')} ADD COLUMN IF NOT EXISTS {quote(name, 'column')} "
             f"{canonical_type(clickhouse_type)}{comment}"
+            for stored in dict.fromkeys([self.stored(table), table])
             for name, clickhouse_type in columns
         ]
         for statement in statements:
@@ -240,7 +258,7 @@ class ClickHouseSink:
         """name → (type, comment) of the table's columns."""
         rows = self.client.query(
             "SELECT name, type, comment FROM system.columns WHERE database = currentDatabase() AND table = {t:String}",
-            parameters={"t": table},
+            parameters={"t": self.stored(table)},
         ).result_rows
         return {name: (column_type, comment) for name, column_type, comment in rows}
 
@@ -271,7 +289,7 @@ class ClickHouseSink:
         if not rows:
             return
         self.client.insert(
-            table.table,
+            self.stored(table.table),
             rows,
             column_names=column_names,
             settings={**INSERT_SETTINGS, "insert_deduplication_token": token},
@@ -321,7 +339,7 @@ class ClickHouseSink:
         for condition, parameters in _in_conditions(table, keys):
             result = self.client.query(
                 f"SELECT {key_list}, argMaxIf(tuple({_column_list(values)}), _offset, _sign > 0) "
-                f"FROM {quote(table.table)} "
+                f"FROM {quote(self.stored(table.table))} "
                 f"WHERE {condition} GROUP BY {key_list} HAVING sum(_sign) > 0",
                 parameters=parameters,
             )
@@ -384,7 +402,7 @@ class ClickHouseSink:
         newest: dict[tuple, int] = {}
         for condition, parameters in _in_conditions(table, keys):
             result = self.client.query(
-                f"SELECT {key_list}, max(_version) FROM {quote(table.table)} WHERE {condition} GROUP BY {key_list}",
+                f"SELECT {key_list}, max(_version) FROM {quote(self.stored(table.table))} WHERE {condition} GROUP BY {key_list}",
                 parameters=parameters,
             )
             for record in result.result_rows:
@@ -398,7 +416,7 @@ class ClickHouseSink:
         latest = {}
         for condition, parameters in _in_conditions(table, keys):
             result = self.client.query(
-                f"SELECT {selected} FROM {quote(table.table)} WHERE {condition} AND _is_deleted = 0 GROUP BY {key_list}",
+                f"SELECT {selected} FROM {quote(self.stored(table.table))} WHERE {condition} AND _is_deleted = 0 GROUP BY {key_list}",
                 parameters=parameters,
             )
             for record in result.result_rows:

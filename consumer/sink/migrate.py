@@ -30,6 +30,7 @@ from importlib.resources.abc import Traversable
 from typing import Any
 
 from consumer.core.identifiers import quote
+from consumer.sink.cluster_ddl import ClusterLayout, cluster_statements, sharded_tables
 
 logger = logging.getLogger(__name__)
 
@@ -181,12 +182,18 @@ def applied_migrations(client: Any) -> dict[str, str]:
     return {name: digest for name, digest in rows}
 
 
-def apply_migrations(client: Any, directory: Traversable | None = None) -> list[str]:
+def apply_migrations(
+    client: Any, directory: Traversable | None = None, cluster: ClusterLayout | None = None
+) -> list[str]:
     """Apply the migrations of ``directory`` not applied yet; return the names applied now.
 
-    ``client`` is a clickhouse-connect client; everything goes into its current database.
+    ``client`` is a clickhouse-connect client; everything goes into its current database. With
+    a ``cluster``, each statement becomes its shard-local and Distributed forms
+    (consumer.sink.cluster_ddl): run this once per node, or once in all with ``replicated``
+    (the statements are then ON CLUSTER).
     """
     migrations = discover(directory)
+    sharded = sharded_tables(s for m in migrations for s in m.statements) if cluster else set()
     done = applied_migrations(client)
     for migration in migrations:
         recorded = done.get(migration.name)
@@ -200,6 +207,8 @@ def apply_migrations(client: Any, directory: Traversable | None = None) -> list[
         if migration.name in done:
             continue
         statements = migration.statements
+        if cluster is not None:
+            statements = [node for s in statements for node in cluster_statements(s, sharded, cluster)]
         logger.info("applying ClickHouse migration %s (%d statements)", migration.name, len(statements))
         for number, statement in enumerate(statements, 1):
             try:
@@ -217,6 +226,17 @@ def apply_migrations(client: Any, directory: Traversable | None = None) -> list[
         )
         applied.append(migration.name)
     return applied
+
+
+def apply_to_shards(clients: list[Any], cluster: ClusterLayout | None = None) -> list[str]:
+    """Apply the migrations on one server, or on a cluster: on every node one by one, or, when it
+    is replicated, once (ON CLUSTER). Returns the names applied now, anywhere."""
+    if cluster is None or cluster.replicated:
+        return apply_migrations(clients[0], cluster=cluster)
+    applied: dict[str, None] = {}
+    for client in clients:
+        applied.update(dict.fromkeys(apply_migrations(client, cluster=cluster)))
+    return list(applied)
 
 
 def _first_lines(statement: str, count: int = 6) -> str:

@@ -40,7 +40,7 @@ import hashlib
 import json
 import logging
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -352,7 +352,9 @@ def _rule_checks(table: TableMapping, by_name: dict[str, StagingField], rules: S
     return checks
 
 
-def compile_plan(table: TableMapping, schema_id: int, writer: dict[str, Any], placeholder: str) -> ServerPlan:
+def compile_plan(
+    table: TableMapping, schema_id: int, writer: dict[str, Any], placeholder: str, target: str | None = None
+) -> ServerPlan:
     """The staging table, view and container header for one fact table and writer schema.
     Raises Unsupported when this combination must stay on the Python path."""
     if table.role != "fact":
@@ -390,8 +392,10 @@ def compile_plan(table: TableMapping, schema_id: int, writer: dict[str, Any], pl
     fan_out = fan_out_sql(SERVER_RULES)
     row_check = " OR ".join(f"({c})" for c in row_checks) or "0"
     # Everything the view does is in the name: a plan that changed gets a table and view of its own.
+    target = target or table.table
+    moved = [target] if target != table.table else []  # the one-server plans keep their names
     digest_source = json.dumps(
-        [table.table, table.topic, schema_id, staging_columns, selects, fan_out, message_check, row_check]
+        [table.table, table.topic, schema_id, staging_columns, selects, fan_out, message_check, row_check, *moved]
     )
     digest = hashlib.sha256(digest_source.encode()).hexdigest()[:12]
     staging = f"_cdc_in_{table.table}_{digest}"
@@ -407,7 +411,7 @@ def compile_plan(table: TableMapping, schema_id: int, writer: dict[str, Any], pl
     )
     ddl = (
         f"CREATE TABLE IF NOT EXISTS {quote_identifier(staging)} ({staging_columns}) ENGINE = Null",
-        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {quote_identifier(view)} TO {quote_identifier(table.table)} AS
+        f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {quote_identifier(view)} TO {quote_identifier(target)} AS
 SELECT
     {select}
 FROM
@@ -463,7 +467,7 @@ def for_sink(sink: Any, decoder: Any) -> ServerDecoder | None:
     client = getattr(sink, "client", None)
     if not isinstance(client, HttpClient) or getattr(decoder, "_registry", None) is None:
         return None
-    return ServerDecoder(client, decoder.writer_schema, decoder.placeholder)
+    return ServerDecoder(client, decoder.writer_schema, decoder.placeholder, sink.stored)
 
 
 class Rejected(Exception):
@@ -474,8 +478,9 @@ class Rejected(Exception):
 class ServerDecoder:
     """Plans per (table mapping, Confluent header), their DDL applied once, and the inserts."""
 
-    def __init__(self, client: Any, writer_schema, placeholder: str):
+    def __init__(self, client: Any, writer_schema, placeholder: str, stored: Callable[[str], str] = str):
         self.client = client
+        self.stored = stored  # the table that holds a fact table's rows on this server (a shard's local)
         self.writer_schema = writer_schema  # schema id -> fastavro-parsed writer schema (may raise)
         self.placeholder = placeholder
         # (id(table mapping), header) -> (the mapping, kept alive so the id stays its own; plan)
@@ -508,7 +513,7 @@ class ServerDecoder:
             log.debug("no writer schema %d for server-side decoding: %s", schema_id, exc)
             return None, False
         try:
-            plan = compile_plan(table, schema_id, writer, self.placeholder)
+            plan = compile_plan(table, schema_id, writer, self.placeholder, self.stored(table.table))
         except Unsupported as exc:
             log.info("%s, schema id %d: decoded in Python (%s)", table.table, schema_id, exc)
             return None, True

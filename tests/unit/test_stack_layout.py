@@ -87,7 +87,7 @@ def test_shards_get_numbered_names_their_own_ports_and_the_cluster_in_env(env) -
     env_vars = layout.connection_env()
     assert env_vars["CDC_CLICKHOUSE_URL"] == "http://127.0.0.1:18123"
     assert env_vars["CDC_CLICKHOUSE_CLUSTER"] == "cdc"
-    assert env_vars["CDC_STACK_CLICKHOUSE_URLS"] == "http://127.0.0.1:18123,http://127.0.0.1:18133"
+    assert env_vars["CDC_CLICKHOUSE_SHARD_URLS"] == "http://127.0.0.1:18123,http://127.0.0.1:18133"
 
 
 def test_clickhouse_config_declares_one_shard_per_node(tmp_path: Path) -> None:
