@@ -20,7 +20,7 @@ from clickhouse_connect.driver.client import Client
 from pydantic import SecretStr
 
 from consumer.core.secrets import redact_url
-from consumer.sink.migrate import applied_offsets
+from consumer.sink.migrate import LEDGER, applied_offsets
 from consumer.transform.mapping import KEEP_PREVIOUS, TableMapping
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,8 @@ class ClickHouseSink:
 
         Exact where the watermark is not: a replay beside the live consumer, or after data was
         dropped and the live consumer went on above it, finds a gap *below* rows it must not
-        re-apply. Runs of consecutive offsets are computed in ClickHouse; partitions whose
+        re-apply. The offset ledger counts too: a dimension version ReplacingMergeTree merged away
+        was applied all the same, and writing it again would be a second insert of its offset. Runs of consecutive offsets are computed in ClickHouse; partitions whose
         watermark lies below the range need no scan at all."""
         watermarks = self.applied_offsets(table, topic)
         scan = {p: r for p, r in ranges.items() if len(r) and watermarks.get(p, -1) >= r.start}
@@ -200,7 +201,10 @@ class ClickHouseSink:
             f"""
             SELECT _partition, min(o), max(o) FROM (
                 SELECT _partition, o, toInt64(o) - toInt64(row_number() OVER (PARTITION BY _partition ORDER BY o)) AS run
-                FROM (SELECT DISTINCT _partition, _offset AS o FROM {table} WHERE _topic = {{topic:String}} AND ({condition}))
+                FROM (SELECT DISTINCT _partition, _offset AS o FROM (
+                    SELECT _partition, _offset FROM {table} WHERE _topic = {{topic:String}} AND ({condition})
+                    UNION ALL
+                    SELECT _partition, _offset FROM {LEDGER} WHERE _topic = {{topic:String}} AND ({condition})))
             ) GROUP BY _partition, run""",
             parameters={"topic": topic},
         )

@@ -32,6 +32,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 MIGRATIONS_TABLE = "_cdc_schema_migrations"
+LEDGER = "_cdc_offset_ledger"  # what each insert wrote per Kafka offset (005_offset_ledger.sql)
 DEFAULT_DIRECTORY = resources.files("consumer.migrations")
 
 _FILE_RE = re.compile(r"^(\d+)_[A-Za-z0-9_.-]+\.sql$")
