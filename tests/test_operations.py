@@ -219,6 +219,21 @@ def test_prometheus_sees_lag_rise_while_stopped_and_every_expression_returns_dat
         stdout=(tmp_path / "exporter.log").open("wb"),
         stderr=subprocess.STDOUT,
     )
+    auditor = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "consumer.cli",
+            "audit",
+            "--serve",
+            str(layout.ports.audit_exporter_port),
+            "--interval",
+            "5",
+        ],
+        env={**target.env, "CDC_METRICS_PORT": "0"},
+        stdout=(tmp_path / "audit.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     total_lag = "sum(max by (topic, partition) (cdc_consumer_lag_messages))"
     try:
         consumer = start_consumer(target, tmp_path)
@@ -269,6 +284,10 @@ def test_prometheus_sees_lag_rise_while_stopped_and_every_expression_returns_dat
             prometheus.wait("CdcDeadLetters", lambda: prometheus.alerts().get("CdcDeadLetters"), timeout=45)
             prometheus.wait("lag 0 past the poison", lambda: prometheus.value(total_lag) == 0, timeout=60)
             time.sleep(6)  # one more scrape: rate() windows hold two samples of every series
+            prometheus.wait("the audit scraped", lambda: prometheus.value('up{job="cdc-audit"}') == 1)
+            audit = "sum(cdc_audit_unaccounted_offsets) + sum(cdc_audit_duplicated_offsets)"
+            prometheus.wait("an audit exported", lambda: prometheus.value(audit) is not None, timeout=60)
+            assert prometheus.value(audit) == 0
 
             empty = [e for e in dashboard_expressions() if not prometheus.query(e)]
             assert not empty, f"dashboard expressions without data: {empty}"
@@ -276,8 +295,9 @@ def test_prometheus_sees_lag_rise_while_stopped_and_every_expression_returns_dat
             assert not empty, f"alert expressions without data: {empty}"
             assert_matches_postgres(stack, target)
     finally:
-        exporter.send_signal(signal.SIGTERM)
-        exporter.wait(30)
+        for process in (exporter, auditor):
+            process.send_signal(signal.SIGTERM)
+            process.wait(30)
 
 
 @pytest.mark.stack
