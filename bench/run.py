@@ -6,8 +6,9 @@
 Phases: (1) produce N Debezium-shaped Avro change events into fresh topics; (2) our consumer from
 start to caught up, then the ground-truth comparison; (3) ClickHouse's own AvroConfluent ingest of
 the same messages; (4) floors: consume only, consume + decode; (5) end-to-end latency through the
-real generator and Debezium at a fixed offered rate; (6) the table, JSON kept in bench/results/,
-and as the LAST line one JSON object with the headline numbers.
+real generator and Debezium at a fixed offered rate; (6) `cdc-consumer audit` on phase 2's data,
+first and repeated, against a plain scan of the fact tables; (7) the table, JSON kept in
+bench/results/, and as the LAST line one JSON object with the headline numbers.
 """
 
 from __future__ import annotations
@@ -304,7 +305,20 @@ def phase_ours(stack: Stack, args, prefix: str, events: int) -> dict:
         if not report.ok:
             log(str(report)[:5000])
     result["database"] = database
+    result["env"] = env
     return result
+
+
+# ----------------------------------------------------------------------------- phase 6
+
+
+def phase_audit(stack: Stack, ours: dict) -> dict:
+    from bench.audit import run_audit_cost
+
+    log("[6] cdc-consumer audit on our consumer's data: first (every offset), then repeated (from its checkpoint)")
+    return run_audit_cost(
+        env=ours["env"], clickhouse=stack.ch(ours["database"]), clickhouse_pid=stack.clickhouse_pid, progress=log
+    )
 
 
 # ----------------------------------------------------------------------------- phase 3
@@ -487,6 +501,7 @@ def headline(results: dict) -> dict:
     native = results.get("native", {})
     floors = results.get("floors", {})
     latency = results.get("latency", {})
+    audit = results.get("audit", {})
     ours_cpu = ours.get("total_cpu_s_per_million")
     native_cpu = native.get("cpu_s_per_million")
     return {
@@ -519,6 +534,12 @@ def headline(results: dict) -> dict:
         "e2e_consumer_rss_slope_second_half_mib_per_min": latency.get("consumer_memory", {}).get(
             "rss_slope_second_half_mib_per_min"
         ),
+        "audit_scan_cpu_s_per_million_rows": audit.get("scan_cpu_s_per_million_rows"),
+        "audit_first_cpu_s_per_million_offsets": audit.get("first_audit_cpu_s_per_million_offsets"),
+        "audit_first_to_scan": audit.get("first_to_scan"),
+        "audit_repeat_clickhouse_cpu_s_per_million_rows": audit.get("repeat_audit_clickhouse_cpu_s_per_million_rows"),
+        "audit_repeat_to_scan": audit.get("repeat_to_scan"),
+        "audit_ok": audit.get("audit_ok"),
     }
 
 
@@ -591,6 +612,21 @@ def table(results: dict, head: dict) -> str:
                 f"| Debezium sustained (probe) / generator | {f(probe.get('debezium_messages_per_s'), 0)} msg/s / "
                 f"{f(probe.get('generator_events_per_s'), 0)} events/s |"
             )
+    audit = results.get("audit", {})
+    if audit:
+        lines += [
+            "",
+            "| `cdc-consumer audit` | CPU-s per million | vs a scan of the fact tables |",
+            "|---|---:|---:|",
+            f"| baseline: `SELECT sum(_sign)` over the fact tables (ClickHouse) | "
+            f"{f(audit.get('scan_cpu_s_per_million_rows'), 3)} per million rows | 1.00× |",
+            f"| first audit, every offset from Kafka (audit + ClickHouse) | "
+            f"{f(audit.get('first_audit_cpu_s_per_million_offsets'), 3)} per million offsets | "
+            f"{f(audit.get('first_to_scan'), 2)}× |",
+            f"| repeated audit, history from the projections (ClickHouse; + {f(audit.get('repeat_audit_cpu_s', [None])[0], 2)}"
+            f" CPU-s of its own) | {f(audit.get('repeat_audit_clickhouse_cpu_s_per_million_rows'), 3)} per million rows | "
+            f"{f(audit.get('repeat_to_scan'), 2)}× |",
+        ]
     targets = [
         "",
         "Targets (reported, not asserted):",
@@ -622,7 +658,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probe-rate", type=float, default=20_000.0, help="rate offered in the Debezium probe")
     parser.add_argument("--seed", type=int, default=20261127)
     parser.add_argument(
-        "--phases", default="produce,ours,native,floors,latency", help="comma-separated subset of phases to run"
+        "--phases", default="produce,ours,native,floors,latency,audit", help="comma-separated subset of phases to run"
     )
     parser.add_argument("--prefix", default=None, help="reuse topics already produced under this prefix")
     parser.add_argument(
@@ -677,6 +713,10 @@ def main(argv: list[str] | None = None) -> int:
         results["floors"] = phase_floors(stack, args, prefix, events)
     if "latency" in phases:
         results["latency"] = phase_latency(stack, args)
+    if "audit" in phases and results.get("ours"):
+        results["audit"] = phase_audit(stack, results["ours"])
+    for run in results.get("ours_rounds", []):
+        run.pop("env", None)  # the settings, secrets included, stay out of the results file
     if not args.keep:
         cleanup(stack, prefix, results, produced_here="produce" in phases)
     results["wall_s"] = round(time.monotonic() - started, 1)

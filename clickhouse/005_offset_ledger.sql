@@ -7,10 +7,11 @@
 --   them, deduplicated with them by the insert's token (the window below, as for the aggregate),
 --   and never by anything else the consumer does. Appended, never merged: a second insert of an
 --   offset is a second ledger row, however the table's parts merge.
--- * What the audit reads from it: an offset applied once has exactly one ledger row whose
---   (rows, sign) is its op's (consumer.transform.fact_rules); the table's rows of that offset
---   must still add up to it. A row deleted later (ALTER … DELETE) leaves the ledger short of
---   nothing and the table short of a row; a row inserted again adds a second ledger row.
+-- * What the audit reads from it: each ledger row of an offset is one insert of it, whose
+--   (rows, sign) must be its op's (consumer.transform.fact_rules), and the fact table must hold
+--   exactly one insert's worth of that offset's rows. A row deleted later (ALTER … DELETE) leaves
+--   the table short of a row; a row inserted again adds a second ledger row and a second row.
+--   (Fact rows removed and restored by a replay: two ledger rows, one insert's rows: applied once.)
 -- * Dimension tables are ReplacingMergeTree: superseded versions merge away, so for them the
 --   audit holds the table to "never more rows than the ledger", and the ledger to "each change
 --   once". The ledger itself keeps every version's entry.
@@ -117,9 +118,10 @@ ALTER TABLE fact_clicks MATERIALIZE PROJECTION audit_buckets SETTINGS mutations_
 ALTER TABLE fact_clicks MATERIALIZE PROJECTION by_offset SETTINGS mutations_sync = 1;
 
 -- Where the audit got to, per consumer group and partition: every offset below `position` was
--- proved, and the ledger's digest per bucket below it (entries, rows, sign, offset sum) as it was
--- then. A later run reads Kafka only from `position` on and re-checks the older buckets from the
--- projections, looking closer only where a digest changed.
+-- proved, and per bucket below it the digests of the ledger (entries, rows, sign, offset sum) and
+-- of the fact table's rows (rows, sign, offset sum; 0 for dimensions) as they were then. A later
+-- run reads Kafka only from `position` on and re-checks the older buckets from the projections,
+-- proving again, offset by offset, only a bucket whose digests changed.
 CREATE TABLE IF NOT EXISTS _cdc_audit_checkpoints
 (
     group_id    String,
@@ -131,6 +133,9 @@ CREATE TABLE IF NOT EXISTS _cdc_audit_checkpoints
     rows        Int64,
     sign        Int64,
     offset_sum  UInt64,
+    table_rows  Int64,
+    table_sign  Int64,
+    table_offset_sum UInt64,
     audited_at  DateTime64(3, 'UTC')
 )
 ENGINE = ReplacingMergeTree(audited_at)

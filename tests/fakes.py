@@ -86,7 +86,7 @@ class FakeSink:
     def applied_offsets(self, table, topic):
         return {0: max((hi for _, hi in self.present), default=-1)}
 
-    def applied_in_ranges(self, table, topic, ranges):
+    def applied_in_ranges(self, table, topic, ranges, role="fact"):
         return {0: AppliedOffsets(list(self.present))}
 
     def insert(self, table, column_names, rows, token, *args, **kwargs):

@@ -12,6 +12,7 @@ from enum import Enum
 
 from consumer.kafka.source import Partition
 from consumer.sink.clickhouse import AppliedOffsets, ClickHouseSink
+from consumer.transform.mapping import TableMapping
 
 
 class Admission(Enum):
@@ -44,8 +45,10 @@ class Unbounded:
     def reached(self, partition: Partition, offset: int) -> bool:
         return False
 
-    def watermarks(self, sink: ClickHouseSink, table: str, topic: str, partitions: list[int]) -> dict[int, Watermarks]:
-        applied = sink.applied_offsets(table, topic)
+    def watermarks(
+        self, sink: ClickHouseSink, table: TableMapping, topic: str, partitions: list[int]
+    ) -> dict[int, Watermarks]:
+        applied = sink.applied_offsets(table.table, topic)
         return {p: Watermarks(applied.get(p, -1)) for p in partitions}
 
 
@@ -81,14 +84,16 @@ class ReplayBounds:
             self.finished.add(partition)
         return partition in self.finished
 
-    def watermarks(self, sink: ClickHouseSink, table: str, topic: str, partitions: list[int]) -> dict[int, Watermarks]:
+    def watermarks(
+        self, sink: ClickHouseSink, table: TableMapping, topic: str, partitions: list[int]
+    ) -> dict[int, Watermarks]:
         """A replay may run beside the live consumer, whose rows lie above the range: so instead of
         the watermark it asks which offsets *inside* its range ClickHouse holds, and skips those."""
         ranges = {p: self.ranges[(topic, p)] for p in partitions if (topic, p) in self.ranges}
         for p, bound in ranges.items():
             if len(bound) == 0:
                 self.finished.add((topic, p))
-        present = sink.applied_in_ranges(table, topic, ranges)
+        present = sink.applied_in_ranges(table.table, topic, ranges, role=table.role)
         return {p: Watermarks(-1, present.get(p)) for p in partitions}
 
 

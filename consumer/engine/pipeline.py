@@ -134,7 +134,7 @@ class Pipeline:
             if missing:
                 self.sink.add_columns(table.table, missing)
             mine = [p for t, p in partitions if t == topic]
-            for p, marks in self.bounds.watermarks(self.sink, table.table, topic, mine).items():
+            for p, marks in self.bounds.watermarks(self.sink, table, topic, mine).items():
                 state = PartitionState(
                     (topic, p),
                     PartitionBatch(table, topic, p),

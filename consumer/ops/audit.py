@@ -20,8 +20,9 @@ A run then
    null; values are decoded only for offsets without rows and not dead-lettered), and compares
    that range offset by offset with the ledger and the table;
 2. re-checks all history below the checkpoint from the aggregate projections, a few rows per
-   part: the fact table's digest must equal the ledger's, and the ledger's must equal the stored
-   one. A bucket that differs is proved again offset by offset (1., for its range).
+   part: the digests of the ledger and of the fact table's rows must be those stored when the
+   bucket was proved. A bucket whose digests changed is proved again offset by offset (1., for
+   its range), and its new digests kept if it holds.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -301,6 +302,18 @@ class Digest:
     offset_sum: int
 
 
+NOTHING = Digest(0, 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class Proved:
+    """A bucket's digests when it was proved: the ledger's, and the fact table's rows (NOTHING for
+    a dimension table, whose rows merges change)."""
+
+    ledger: Digest
+    table: Digest
+
+
 class Ledger:
     """The offset ledger, the target tables and the audit's checkpoints in ClickHouse."""
 
@@ -408,30 +421,32 @@ class Ledger:
         )
         return Digest(0, *(int(v) for v in row))
 
-    def checkpoints(self, topic: str) -> tuple[dict[int, int], dict[tuple[int, int], Digest]]:
-        """partition → audited position, and (partition, bucket) → the ledger digest stored then."""
+    def checkpoints(self, topic: str) -> tuple[dict[int, int], dict[tuple[int, int], Proved]]:
+        """partition → audited position, and (partition, bucket) → the digests stored then."""
         rows = self._rows(
-            f"""SELECT _partition, bucket, position, entries, rows, sign, offset_sum FROM {CHECKPOINTS} FINAL
+            f"""SELECT _partition, bucket, position, entries, rows, sign, offset_sum,
+                table_rows, table_sign, table_offset_sum FROM {CHECKPOINTS} FINAL
             WHERE group_id = {{g:String}} AND _topic = {{t:String}}""",
             g=self.group,
             t=topic,
         )
         positions: dict[int, int] = {}
-        digests: dict[tuple[int, int], Digest] = {}
-        for p, bucket, position, *digest in rows:
+        digests: dict[tuple[int, int], Proved] = {}
+        for p, bucket, position, entries, r, s, o, tr, ts, to in rows:
             if int(bucket) == POSITION_ROW:
                 positions[int(p)] = int(position)
             else:
-                digests[(int(p), int(bucket))] = Digest(*(int(v) for v in digest))
+                ledger = Digest(int(entries), int(r), int(s), int(o))
+                digests[(int(p), int(bucket))] = Proved(ledger, Digest(0, int(tr), int(ts), int(to)))
         return positions, digests
 
-    def save(self, topic: str, partition: int, position: int, digests: dict[int, Digest]) -> None:
+    def save(self, topic: str, partition: int, position: int, digests: dict[int, Proved]) -> None:
         now = datetime.now(UTC)
         rows = [
-            [self.group, topic, partition, bucket, position, d.entries, d.rows, d.sign, d.offset_sum, now]
+            [self.group, topic, partition, bucket, position, *astuple(d.ledger), *astuple(d.table)[1:], now]
             for bucket, d in digests.items()
         ]
-        rows.append([self.group, topic, partition, POSITION_ROW, position, 0, 0, 0, 0, now])
+        rows.append([self.group, topic, partition, POSITION_ROW, position, 0, 0, 0, 0, 0, 0, 0, now])
         self.client.insert(
             CHECKPOINTS,
             rows,
@@ -445,6 +460,9 @@ class Ledger:
                 "rows",
                 "sign",
                 "offset_sum",
+                "table_rows",
+                "table_sign",
+                "table_offset_sum",
                 "audited_at",
             ],
             settings={"async_insert": 0},
@@ -515,35 +533,36 @@ class Auditor:
             report.partitions.append(audit)
             context = (log_, table, p, audit, dead.get((table.topic, p), set()), starts[(table.topic, p)])
             # History below the checkpoint: whole buckets from the projections, the last part exactly.
-            reproved: dict[int, Digest] = {}
+            reproved: dict[int, Proved] = {}
             for bucket in range(position // BUCKET + (position % BUCKET > 0)):
                 lo, hi = bucket * BUCKET, min((bucket + 1) * BUCKET, position)
-                if hi - lo == BUCKET:
-                    ledger_digest = ledger_now.get((p, bucket), Digest(0, 0, 0, 0))
-                    table_digest = table_now.get((p, bucket), Digest(0, 0, 0, 0))
-                else:
-                    ledger_digest = self.ledger.ledger_range(table.topic, p, lo, hi)
-                    table_digest = self.ledger.table_range(table, p, lo, hi) if table.role == "fact" else None
+                now = self._digests(table, p, lo, hi, ledger_now, table_now)
                 report.buckets_checked += 1
-                same_rows = table_digest is None or _rows_of(table_digest) == _rows_of(ledger_digest)
-                if same_rows and stored.get((p, bucket)) == ledger_digest:
+                if stored.get((p, bucket)) == now:
                     continue
                 report.buckets_reproved += 1
                 before = audit.counts.total()
                 report.messages_read += self._prove(*context, lo, hi, history=True)
                 if audit.counts.total() == before:
-                    reproved[bucket] = ledger_digest
+                    reproved[bucket] = now
             # New: from the checkpoint to the committed position, offset by offset.
             report.messages_read += self._prove(*context, position, done)
             if audit.ok and (done > position or reproved or p not in positions):
                 digests = dict(reproved)
                 for bucket in range(position // BUCKET, done // BUCKET + (done % BUCKET > 0)):
                     lo, hi = bucket * BUCKET, min((bucket + 1) * BUCKET, done)
-                    whole = hi - lo == BUCKET and (p, bucket) in ledger_now
-                    digests[bucket] = (
-                        ledger_now[(p, bucket)] if whole else self.ledger.ledger_range(table.topic, p, lo, hi)
-                    )
+                    digests[bucket] = self._digests(table, p, lo, hi, ledger_now, table_now)
                 self.ledger.save(table.topic, p, done, digests)
+
+    def _digests(self, table, p, lo, hi, ledger_now, table_now) -> Proved:
+        """The digests of [lo, hi) of a partition: a whole bucket's from the projections, a part's
+        by reading that range."""
+        fact = table.role == "fact"
+        if hi - lo == BUCKET:
+            bucket = lo // BUCKET
+            return Proved(ledger_now.get((p, bucket), NOTHING), table_now.get((p, bucket), NOTHING))
+        ledger = self.ledger.ledger_range(table.topic, p, lo, hi)
+        return Proved(ledger, self.ledger.table_range(table, p, lo, hi) if fact else NOTHING)
 
     def _prove(self, log_, table, p, audit, dead, log_start, start, stop, history=False) -> int:
         """Every offset of [start, stop) applied once or accounted for; returns the messages read."""
@@ -575,19 +594,30 @@ class Auditor:
         return scan.read
 
     def _anomaly(self, audit, table, offset, entries, rows, sign, table_rows, table_sign) -> None:
-        patterns = op_patterns(table.role)
+        """An offset whose ledger or rows the SQL found irregular, classified. Applied once means:
+        every insert of it wrote one op's rows, and the fact table holds exactly one insert's
+        (several inserts happen when its rows were removed and a replay wrote them again)."""
         if entries == 0:
             audit.add("unexpected_rows", offset, f"{table_rows} row(s) that no insert of the consumer wrote")
-        elif entries > 1 or any(rows == k * r and sign == k * s for r, s in patterns for k in range(2, entries + 3)):
-            audit.add("duplicate", offset, f"applied by {entries} insert(s): {rows} row(s), sign sum {sign}")
-        elif (rows, sign) not in patterns:
-            audit.add("wrong_sign_count", offset, f"{rows} row(s) with sign sum {sign}: no op writes that")
-        elif table_rows < rows:
-            audit.add("missing_rows", offset, f"{rows - table_rows} of the {rows} row(s) written are gone")
-        elif table_rows > rows:
-            audit.add("duplicate", offset, f"{table_rows} row(s) in {table.table}, {rows} written")
-        else:
-            audit.add("wrong_sign_count", offset, f"the rows' sign sum is {table_sign}, {sign} written")
+            return
+        patterns = op_patterns(table.role)
+        each = (rows // entries, sign // entries) if rows % entries == 0 and sign % entries == 0 else None
+        if each not in patterns:
+            if any(rows == k * r and sign == k * s for r, s in patterns for k in range(2, rows + 1)):
+                audit.add("duplicate", offset, f"one insert wrote its change's rows more than once: {rows} row(s)")
+            else:
+                audit.add("wrong_sign_count", offset, f"{rows} row(s) with sign sum {sign} in {entries} insert(s)")
+            return
+        once_rows, once_sign = each
+        if table.role == "dimension":  # fewer rows than written: superseded versions merged away
+            if table_rows > once_rows:
+                audit.add("duplicate", offset, f"{table_rows} version rows in {table.table}, one insert writes 1")
+        elif table_rows > once_rows:
+            audit.add("duplicate", offset, f"{table_rows} row(s) in {table.table}, one insert writes {once_rows}")
+        elif table_rows < once_rows:
+            audit.add("missing_rows", offset, f"{once_rows - table_rows} of the {once_rows} row(s) written are gone")
+        elif table_sign != once_sign:
+            audit.add("wrong_sign_count", offset, f"the rows' sign sum is {table_sign}, {once_sign} written")
 
     def _no_change(self, log_, table, p, offsets: list[int]) -> set[int]:
         """Offsets among `offsets` whose change writes nothing: a logical message, a truncate
@@ -624,10 +654,6 @@ class _Runs:
 
 def _clip(runs: Runs, start: int) -> Runs:
     return [(max(lo, start), hi) for lo, hi in runs if hi >= start]
-
-
-def _rows_of(digest: Digest) -> tuple[int, int, int]:
-    return digest.rows, digest.sign, digest.offset_sum
 
 
 # -- as a service ------------------------------------------------------------------------------------

@@ -181,13 +181,14 @@ class ClickHouseSink:
         """partition → highest Kafka offset whose rows are in `table` (the applied watermark)."""
         return applied_offsets(self.client, table, topic)
 
-    def applied_in_ranges(self, table: str, topic: str, ranges: dict[int, range]) -> dict[int, AppliedOffsets]:
+    def applied_in_ranges(
+        self, table: str, topic: str, ranges: dict[int, range], role: str = "fact"
+    ) -> dict[int, AppliedOffsets]:
         """partition → the offsets inside `ranges[partition]` whose rows are in `table`.
 
         Exact where the watermark is not: a replay beside the live consumer, or after data was
         dropped and the live consumer went on above it, finds a gap *below* rows it must not
-        re-apply. The offset ledger counts too: a dimension version ReplacingMergeTree merged away
-        was applied all the same, and writing it again would be a second insert of its offset. Runs of consecutive offsets are computed in ClickHouse; partitions whose
+        re-apply. For a dimension table the offset ledger counts too (`role`). Runs of consecutive offsets are computed in ClickHouse; partitions whose
         watermark lies below the range need no scan at all."""
         watermarks = self.applied_offsets(table, topic)
         scan = {p: r for p, r in ranges.items() if len(r) and watermarks.get(p, -1) >= r.start}
@@ -197,14 +198,20 @@ class ClickHouseSink:
             f"(_partition = {int(p)} AND _offset >= {int(r.start)} AND _offset < {int(r.stop)})"
             for p, r in scan.items()
         )
+        # A dimension version ReplacingMergeTree merged away was applied all the same (its offset
+        # is in the ledger); a fact row that is gone is gone, and a replay restores it.
+        ledger = ""
+        if role == "dimension":
+            ledger = (
+                f"UNION ALL SELECT _partition, _offset FROM {LEDGER} WHERE _topic = {{topic:String}} AND ({condition})"
+            )
         result = self.client.query(
             f"""
             SELECT _partition, min(o), max(o) FROM (
                 SELECT _partition, o, toInt64(o) - toInt64(row_number() OVER (PARTITION BY _partition ORDER BY o)) AS run
                 FROM (SELECT DISTINCT _partition, _offset AS o FROM (
                     SELECT _partition, _offset FROM {table} WHERE _topic = {{topic:String}} AND ({condition})
-                    UNION ALL
-                    SELECT _partition, _offset FROM {LEDGER} WHERE _topic = {{topic:String}} AND ({condition})))
+                    {ledger}))
             ) GROUP BY _partition, run""",
             parameters={"topic": topic},
         )
