@@ -28,46 +28,29 @@ A run then
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import astuple, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import OffsetSpec
 
+from consumer.core.offsets import Runs, size, subtract
 from consumer.kafka.client_config import KafkaClientConfig
 from consumer.kafka.lag import LagReader
-from consumer.kafka.source import Partition
-from consumer.sink.migrate import LEDGER
-from consumer.transform.fact_rules import FACT_RULES
-from consumer.transform.mapping import Mapping, TableMapping
+from consumer.kafka.log_scan import KafkaLog
+from consumer.sink.clickhouse import AppliedOffsets
+from consumer.sink.ledger import BUCKET, NOTHING, Ledger, Proved, op_patterns
+from consumer.transform.mapping import Mapping
 
 log = logging.getLogger(__name__)
 
-BUCKET = 65_536  # offsets per digest: the projections' intDiv(_offset, 65536)
-CHECKPOINTS = "_cdc_audit_checkpoints"
-POSITION_ROW = 2**64 - 1  # the checkpoint row of a partition that holds only its position
 LISTED = 100  # offsets listed per kind of issue and partition (the counts are complete)
-_IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # Issues that leave an offset unaccounted for, and those that count one more than once.
 UNACCOUNTED = ("gap", "missing_rows")
 DUPLICATED = ("duplicate", "wrong_sign_count", "unexpected_rows")
-
-
-def op_patterns(role: str) -> frozenset[tuple[int, int]]:
-    """The (rows, sign sum) one change may write: a dimension change one version row; a fact
-    change its op's signed rows, and a snapshot row that replaces a live fact of other values
-    also retracts it first (ClickHouseSink._reconcile_assertions)."""
-    if role == "dimension":
-        return frozenset({(1, 1)})
-    patterns = {(len(rule.rows), sum(row.sign for row in rule.rows)) for rule in FACT_RULES.values()}
-    return frozenset(patterns | {(2, 0)})
 
 
 @dataclass(frozen=True)
@@ -157,322 +140,6 @@ class AuditReport:
             "seconds": round(self.seconds, 3),
             "partitions": [p.as_dict() for p in self.partitions],
         }
-
-
-# -- offsets as sorted, inclusive runs ---------------------------------------------------------
-Runs = list[tuple[int, int]]
-
-
-def runs_of(offsets: Iterable[int]) -> Runs:
-    runs: Runs = []
-    for offset in offsets:
-        if runs and runs[-1][1] + 1 == offset:
-            runs[-1] = (runs[-1][0], offset)
-        else:
-            runs.append((offset, offset))
-    return runs
-
-
-def subtract(runs: Runs, minus: Runs) -> Iterator[int]:
-    """The offsets of `runs` not in `minus` (both sorted)."""
-    j = 0
-    for lo, hi in runs:
-        at = lo
-        while at <= hi:
-            while j < len(minus) and minus[j][1] < at:
-                j += 1
-            if j < len(minus) and minus[j][0] <= at:
-                at = minus[j][1] + 1
-                continue
-            stop = hi if j == len(minus) else min(hi, minus[j][0] - 1)
-            yield from range(at, stop + 1)
-            at = stop + 1
-
-
-def size(runs: Runs) -> int:
-    return sum(hi - lo + 1 for lo, hi in runs)
-
-
-# -- what Kafka holds ----------------------------------------------------------------------------
-@dataclass
-class LogRange:
-    """What a read_committed reader gets of [start, stop): the offsets of records with a value,
-    as runs, and how many tombstones; every other offset is a marker or an aborted record."""
-
-    data: Runs
-    tombstones: int
-    read: int
-
-
-class KafkaLog:
-    def __init__(self, kafka: KafkaClientConfig, group: str, timeout: float = 30.0):
-        self.timeout = timeout
-        self.reader = Consumer(
-            kafka.client(
-                {
-                    "group.id": f"{group}-audit",  # never joined, never committed
-                    "enable.auto.commit": False,
-                    "isolation.level": "read_committed",
-                    "enable.partition.eof": True,
-                    "fetch.wait.max.ms": 50,  # a range ends at its last record or the log's end: no waiting
-                }
-            )
-        )
-
-    def close(self) -> None:
-        self.reader.close()
-
-    def messages(self, partition: Partition, start: int, stop: int) -> Iterator[Any]:
-        """The records of [start, stop), in order."""
-        if start >= stop:
-            return
-        self.reader.assign([TopicPartition(*partition, start)])
-        deadline = time.monotonic() + self.timeout
-        try:
-            while True:
-                batch = self.reader.consume(10_000, 0.5)
-                if not batch and time.monotonic() > deadline:
-                    raise TimeoutError(f"{partition}: Kafka gave nothing past offset {start} for {self.timeout}s")
-                for message in batch:
-                    error = message.error()
-                    if error is not None:
-                        if error.code() == KafkaError._PARTITION_EOF:
-                            return
-                        raise RuntimeError(f"{partition}: {error}")
-                    if message.offset() >= stop:
-                        return
-                    deadline = time.monotonic() + self.timeout
-                    yield message
-                    if message.offset() == stop - 1:
-                        return
-        finally:
-            self.reader.unassign()
-
-    def scan(self, partition: Partition, start: int, stop: int) -> LogRange:
-        data: Runs = []
-        tombstones = read = 0
-        for message in self.messages(partition, start, stop):
-            read += 1
-            if message.value() is None:
-                tombstones += 1
-                continue
-            offset = message.offset()
-            if data and data[-1][1] + 1 == offset:
-                data[-1] = (data[-1][0], offset)
-            else:
-                data.append((offset, offset))
-        return LogRange(data, tombstones, read)
-
-    def values(self, partition: Partition, offsets: list[int]) -> dict[int, bytes]:
-        wanted = set(offsets)
-        if not wanted:
-            return {}
-        return {
-            m.offset(): m.value()
-            for m in self.messages(partition, min(wanted), max(wanted) + 1)
-            if m.offset() in wanted and m.value() is not None
-        }
-
-    def dead_lettered(self, dlq_topic: str) -> dict[Partition, set[int]]:
-        """Source coordinates of every record of the dead-letter topic, from its headers."""
-        metadata = self.reader.list_topics(dlq_topic, timeout=self.timeout).topics.get(dlq_topic)
-        found: dict[Partition, set[int]] = {}
-        if metadata is None or metadata.error is not None:
-            return found
-        for p in metadata.partitions:
-            low, high = self.reader.get_watermark_offsets(TopicPartition(dlq_topic, p), timeout=self.timeout)
-            for message in self.messages((dlq_topic, p), low, high):
-                headers = dict(message.headers() or [])
-                try:
-                    source = (headers["cdc.source.topic"].decode(), int(headers["cdc.source.partition"]))
-                    offset = int(headers["cdc.source.offset"])
-                except (KeyError, ValueError, UnicodeDecodeError):
-                    log.warning("audit: %s[%d]@%d has no source coordinates", dlq_topic, p, message.offset())
-                    continue
-                found.setdefault(source, set()).add(offset)
-        return found
-
-
-# -- what ClickHouse holds -----------------------------------------------------------------------
-@dataclass(frozen=True)
-class Digest:
-    entries: int  # ledger rows (inserts per offset, added up); for a table: its rows
-    rows: int
-    sign: int
-    offset_sum: int
-
-
-NOTHING = Digest(0, 0, 0, 0)
-
-
-@dataclass(frozen=True)
-class Proved:
-    """A bucket's digests when it was proved: the ledger's, and the fact table's rows (NOTHING for
-    a dimension table, whose rows merges change)."""
-
-    ledger: Digest
-    table: Digest
-
-
-class Ledger:
-    """The offset ledger, the target tables and the audit's checkpoints in ClickHouse."""
-
-    def __init__(self, client: Any, group: str):
-        self.client = client
-        self.group = group
-
-    def _rows(self, sql: str, **parameters: Any) -> list[tuple]:
-        return self.client.query(sql, parameters=parameters, settings={"join_use_nulls": 0}).result_rows
-
-    def offsets(self, topic: str, partition: int, start: int, stop: int) -> Runs:
-        """The offsets in [start, stop) the ledger has entries of, as runs."""
-        rows = self._rows(
-            f"""SELECT min(o), max(o) FROM (
-                SELECT o, toInt64(o) - toInt64(row_number() OVER (ORDER BY o)) AS run FROM (
-                    SELECT DISTINCT _offset AS o FROM {LEDGER}
-                    WHERE _topic = {{t:String}} AND _partition = {{p:UInt32}} AND _offset >= {{a:UInt64}} AND _offset < {{b:UInt64}}))
-            GROUP BY run ORDER BY 1""",
-            t=topic,
-            p=partition,
-            a=start,
-            b=stop,
-        )
-        return [(int(lo), int(hi)) for lo, hi in rows]
-
-    def anomalies(self, table: TableMapping, partition: int, start: int, stop: int) -> list[tuple[int, ...]]:
-        """(offset, ledger entries, ledger rows, ledger sign, table rows, table sign) of the offsets
-        in [start, stop) whose ledger is not one insert of an op's rows, or whose rows in the table
-        differ from what the ledger says was written (for a dimension: more rows than written;
-        fewer is ReplacingMergeTree merging superseded versions away)."""
-        name = _identifier(table.table)
-        patterns = ", ".join(f"({r}, {s})" for r, s in sorted(op_patterns(table.role)))
-        if table.role == "fact":
-            table_sign, differs = "sum(_sign)", "t.rows != l.rows OR t.sign != l.sign"
-        else:
-            table_sign, differs = "count()", "t.rows > l.rows"
-        where = "_topic = {t:String} AND _partition = {p:UInt32} AND _offset >= {a:UInt64} AND _offset < {b:UInt64}"
-        rows = self._rows(
-            f"""SELECT o, l.entries, l.rows, l.sign, t.rows, t.sign FROM
-                (SELECT _offset AS o, count() AS entries, toInt64(sum(rows)) AS rows, toInt64(sum(sign)) AS sign
-                 FROM {LEDGER} WHERE {where} GROUP BY o) AS l
-            FULL OUTER JOIN
-                (SELECT _offset AS o, toInt64(count()) AS rows, toInt64({table_sign}) AS sign
-                 FROM {name} WHERE {where} GROUP BY o) AS t
-            USING (o)
-            WHERE l.entries != 1 OR (l.rows, l.sign) NOT IN ({patterns}) OR {differs}
-            ORDER BY o""",
-            t=table.topic,
-            p=partition,
-            a=start,
-            b=stop,
-        )
-        return [tuple(int(v) for v in row) for row in rows]
-
-    def live_facts(self, table: TableMapping, keys: list[int]) -> set[int]:
-        """The facts among `keys` (single-column keys) that are live: sum(_sign) = 1."""
-        if len(table.key) != 1 or not keys:
-            return set()
-        key = _identifier(table.key[0])
-        rows = self._rows(
-            f"SELECT {key} FROM {_identifier(table.table)} WHERE {key} IN {{k:Array(Int64)}} "
-            f"GROUP BY {key} HAVING sum(_sign) = 1",
-            k=keys,
-        )
-        return {int(r[0]) for r in rows}
-
-    def ledger_buckets(self, topic: str) -> dict[tuple[int, int], Digest]:
-        """(partition, bucket) → the ledger's digest of the bucket (from its projection)."""
-        rows = self._rows(
-            f"""SELECT _partition, intDiv(_offset, {BUCKET}) AS b, count(), sum(rows), sum(sign), sum(_offset * rows)
-            FROM {LEDGER} WHERE _topic = {{t:String}} GROUP BY _topic, _partition, b""",
-            t=topic,
-        )
-        return {(int(p), int(b)): Digest(int(e), int(r), int(s), int(o)) for p, b, e, r, s, o in rows}
-
-    def table_buckets(self, table: TableMapping) -> dict[tuple[int, int], Digest]:
-        """(partition, bucket) → the fact table's rows of the bucket as a ledger digest would count
-        them (from its projection); `entries` is not comparable and left 0."""
-        rows = self._rows(
-            f"""SELECT _partition, intDiv(_offset, {BUCKET}) AS b, count(), sum(_sign), sum(_offset)
-            FROM {_identifier(table.table)} WHERE _topic = {{t:String}} GROUP BY _topic, _partition, b""",
-            t=table.topic,
-        )
-        return {(int(p), int(b)): Digest(0, int(n), int(s), int(o)) for p, b, n, s, o in rows}
-
-    def ledger_range(self, topic: str, partition: int, start: int, stop: int) -> Digest:
-        (row,) = self._rows(
-            f"""SELECT count(), sum(rows), sum(sign), sum(_offset * rows) FROM {LEDGER}
-            WHERE _topic = {{t:String}} AND _partition = {{p:UInt32}} AND _offset >= {{a:UInt64}} AND _offset < {{b:UInt64}}""",
-            t=topic,
-            p=partition,
-            a=start,
-            b=stop,
-        )
-        return Digest(*(int(v) for v in row))
-
-    def table_range(self, table: TableMapping, partition: int, start: int, stop: int) -> Digest:
-        (row,) = self._rows(
-            f"""SELECT count(), sum(_sign), sum(_offset) FROM {_identifier(table.table)}
-            WHERE _topic = {{t:String}} AND _partition = {{p:UInt32}} AND _offset >= {{a:UInt64}} AND _offset < {{b:UInt64}}""",
-            t=table.topic,
-            p=partition,
-            a=start,
-            b=stop,
-        )
-        return Digest(0, *(int(v) for v in row))
-
-    def checkpoints(self, topic: str) -> tuple[dict[int, int], dict[tuple[int, int], Proved]]:
-        """partition → audited position, and (partition, bucket) → the digests stored then."""
-        rows = self._rows(
-            f"""SELECT _partition, bucket, position, entries, rows, sign, offset_sum,
-                table_rows, table_sign, table_offset_sum FROM {CHECKPOINTS} FINAL
-            WHERE group_id = {{g:String}} AND _topic = {{t:String}}""",
-            g=self.group,
-            t=topic,
-        )
-        positions: dict[int, int] = {}
-        digests: dict[tuple[int, int], Proved] = {}
-        for p, bucket, position, entries, r, s, o, tr, ts, to in rows:
-            if int(bucket) == POSITION_ROW:
-                positions[int(p)] = int(position)
-            else:
-                ledger = Digest(int(entries), int(r), int(s), int(o))
-                digests[(int(p), int(bucket))] = Proved(ledger, Digest(0, int(tr), int(ts), int(to)))
-        return positions, digests
-
-    def save(self, topic: str, partition: int, position: int, digests: dict[int, Proved]) -> None:
-        now = datetime.now(UTC)
-        rows = [
-            [self.group, topic, partition, bucket, position, *astuple(d.ledger), *astuple(d.table)[1:], now]
-            for bucket, d in digests.items()
-        ]
-        rows.append([self.group, topic, partition, POSITION_ROW, position, 0, 0, 0, 0, 0, 0, 0, now])
-        self.client.insert(
-            CHECKPOINTS,
-            rows,
-            column_names=[
-                "group_id",
-                "_topic",
-                "_partition",
-                "bucket",
-                "position",
-                "entries",
-                "rows",
-                "sign",
-                "offset_sum",
-                "table_rows",
-                "table_sign",
-                "table_offset_sum",
-                "audited_at",
-            ],
-            settings={"async_insert": 0},
-        )
-
-
-def _identifier(name: str) -> str:
-    if not _IDENTIFIER_RE.match(name):
-        raise ValueError(f"not a plain identifier: {name!r}")
-    return f"`{name}`"
 
 
 # -- the audit -------------------------------------------------------------------------------------
@@ -579,7 +246,8 @@ class Auditor:
         for offset in subtract(_clip(applied, kafka_start), scan.data):
             audit.add("unexpected_rows", offset, "rows for an offset that holds no change (a marker or a tombstone)")
         missing = [o for o in subtract(scan.data, applied) if o not in dead]
-        dead_here = sum(1 for o in dead if kafka_start <= o < stop and o not in _Runs(applied))
+        held = AppliedOffsets(applied)
+        dead_here = sum(1 for o in dead if kafka_start <= o < stop and o not in held)
         no_change = self._no_change(log_, table, p, missing)
         for offset in missing:
             if offset not in no_change:
@@ -642,14 +310,6 @@ class Auditor:
         live = self.ledger.live_facts(table, sorted(snapshots))
         found.update(offset for key, offset in snapshots.items() if key in live)
         return found
-
-
-class _Runs:
-    def __init__(self, runs: Runs):
-        self.runs = runs
-
-    def __contains__(self, offset: int) -> bool:
-        return any(lo <= offset <= hi for lo, hi in self.runs)
 
 
 def _clip(runs: Runs, start: int) -> Runs:

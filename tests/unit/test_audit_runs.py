@@ -1,8 +1,9 @@
-"""The audit's offset arithmetic and the sign counts it accepts (consumer/ops/audit.py)."""
+"""The audit's offset arithmetic and the sign counts it accepts (consumer/core/offsets.py, consumer/sink/ledger.py)."""
 
 from __future__ import annotations
 
-from consumer.ops.audit import op_patterns, runs_of, size, subtract
+from consumer.core.offsets import runs_of, size, subtract
+from consumer.sink.ledger import op_patterns
 
 
 def test_runs_of_sorted_offsets() -> None:
