@@ -151,11 +151,14 @@ def _base_converter(inner: str) -> tuple[Converter, Any]:
         precision, scale = decimal
         return _decimal_converter(scale=scale, precision=precision), Decimal(0)
     if inner.startswith("DateTime64"):
-        return _datetime_converter(DATETIME64_MIN, DATETIME64_MAX, "DateTime64"), EPOCH
+        return _ranged_converter(
+            _to_datetime, DATETIME64_MIN, DATETIME64_MAX, "DateTime64", "datetime_out_of_range"
+        ), EPOCH
     if inner.startswith("DateTime"):
-        return _datetime_converter(EPOCH, DATETIME_MAX, "DateTime"), EPOCH
+        return _ranged_converter(_to_datetime, EPOCH, DATETIME_MAX, "DateTime", "datetime_out_of_range"), EPOCH
     if inner in ("Date", "Date32"):
-        return _date_converter(*(DATE_RANGE if inner == "Date" else DATE32_RANGE), inner), EPOCH.date()
+        low, high = DATE_RANGE if inner == "Date" else DATE32_RANGE
+        return _ranged_converter(_to_date, low, high, inner, "date_out_of_range"), EPOCH.date()
     if inner in _INTEGERS:
         return _int_converter(inner), 0
     if inner.startswith("Float"):
@@ -207,28 +210,18 @@ def _decimal_converter(scale: int, precision: int) -> Converter:
     return convert
 
 
-def _datetime_converter(low: dt.datetime, high: dt.datetime, name: str) -> Converter:
-    def convert(value: Any) -> dt.datetime:
+def _ranged_converter(parse: Callable[[Any], Any], low: Any, high: Any, name: str, error_class: str) -> Converter:
+    """A date or time parsed, then held to the ClickHouse type's range: poison of `error_class`
+    outside it, never a batch ClickHouse refuses."""
+
+    def convert(value: Any) -> Any:
         try:
-            moment = _to_datetime(value)
+            moment = parse(value)
         except OverflowError as exc:
-            raise OutOfRange("datetime_out_of_range", f"{value!r} is outside {name}'s range ({exc})") from None
+            raise OutOfRange(error_class, f"{value!r} is outside {name}'s range ({exc})") from None
         if not low <= moment <= high:
-            raise OutOfRange("datetime_out_of_range", f"{moment.isoformat()} is outside ClickHouse {name}'s range")
+            raise OutOfRange(error_class, f"{moment.isoformat()} is outside ClickHouse {name}'s range")
         return moment
-
-    return convert
-
-
-def _date_converter(low: dt.date, high: dt.date, name: str) -> Converter:
-    def convert(value: Any) -> dt.date:
-        try:
-            day = _to_date(value)
-        except OverflowError as exc:
-            raise OutOfRange("date_out_of_range", f"{value!r} is outside {name}'s range ({exc})") from None
-        if not low <= day <= high:
-            raise OutOfRange("date_out_of_range", f"{day.isoformat()} is outside ClickHouse {name}'s range")
-        return day
 
     return convert
 
