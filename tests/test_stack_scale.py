@@ -11,7 +11,7 @@ from pathlib import Path
 
 import clickhouse_connect
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from cdc_dev.stack import manager, process
@@ -23,6 +23,24 @@ pytestmark = pytest.mark.slow
 SCALE_PORT_SHIFT = 400
 CONNECT_TOPICS = ("_connect-configs", "_connect-offsets", "_connect-status")
 MESSAGES = 1000
+
+
+def _topic_config(admin: AdminClient, topic: str) -> dict:
+    """The topic's config, asked again while the broker asked has not yet learnt of the new topic
+    (metadata reaches the three brokers one after the other: UNKNOWN_TOPIC_OR_PART meanwhile)."""
+    found: dict = {}
+
+    def described() -> bool:
+        try:
+            (future,) = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, topic)]).values()
+            found.update(future.result(30))
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise
+        return bool(found)
+
+    assert process.wait_until(described, 30), f"{topic}: no broker describes it"
+    return found
 
 
 @pytest.fixture
@@ -122,8 +140,7 @@ def test_two_shards_and_three_brokers_survive_kill_9_and_up_restarts_only_the_de
     # No replication factor given: the brokers' default applies.
     admin.create_topics([NewTopic(topic, num_partitions=1)])[topic].result(30)
     assert process.wait_until(lambda: _replicas(admin, topic) == [(3, 3)], 30)
-    config = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, topic)])
-    assert next(iter(config.values())).result(30)["min.insync.replicas"].value == "2"
+    assert _topic_config(admin, topic)["min.insync.replicas"].value == "2"
     _produce(bootstrap, topic, range(MESSAGES))
 
     leader = admin.list_topics(topic, timeout=10).topics[topic].partitions[0].leader
