@@ -62,12 +62,12 @@ def is_alive(pid: int) -> bool:
     # threads still run shows "Z" too, so the process is gone only when every thread is.
     try:
         tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return False
     for task in tasks:
         try:
             state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, IndexError):
+        except (FileNotFoundError, ProcessLookupError, IndexError):  # the thread exited meanwhile (ESRCH)
             continue
         if state != "Z":
             return True
