@@ -6,8 +6,9 @@
 Phases: (1) produce N Debezium-shaped Avro change events into fresh topics; (2) our consumer from
 start to caught up, then the ground-truth comparison; (3) ClickHouse's own AvroConfluent ingest of
 the same messages; (4) floors: consume only, consume + decode; (5) end-to-end latency through the
-real generator and Debezium at a fixed offered rate; (6) the table, JSON kept in bench/results/,
-and as the LAST line one JSON object with the headline numbers.
+real generator and Debezium at a fixed offered rate; (6) `cdc-consumer audit` on phase 2's data,
+first and repeated, against a plain scan of the fact tables; (7) the table, JSON kept in
+bench/results/, and as the LAST line one JSON object with the headline numbers.
 """
 
 from __future__ import annotations
@@ -273,14 +274,8 @@ def phase_produce(stack: Stack, args, prefix: str) -> tuple[ev.Produced, dict]:
 # ----------------------------------------------------------------------------- phase 2
 
 
-def phase_ours(stack: Stack, args, prefix: str, events: int) -> dict:
-    run = uuid.uuid4().hex[:6]
-    database = f"benchdb_{prefix}_{run}"
-    group = f"{prefix}-ours-{run}"
-    topics = [f"{prefix}.public.{t}" for t in ev.TABLES]
-    ends = end_offsets(stack.kafka, topics)
-    log(f"[2] our consumer: group {group}, ClickHouse database {database}")
-    env = {
+def ours_env(stack: Stack, args, prefix: str, group: str, database: str) -> dict[str, str]:
+    return {
         **stack.env,
         "CDC_TOPIC_PREFIX": prefix,
         "CDC_GROUP_ID": group,
@@ -288,6 +283,16 @@ def phase_ours(stack: Stack, args, prefix: str, events: int) -> dict:
         "CDC_DLQ_TOPIC": f"{prefix}.dlq",
         **dict(kv.split("=", 1) for kv in args.consumer_env),
     }
+
+
+def phase_ours(stack: Stack, args, prefix: str, events: int) -> dict:
+    run = uuid.uuid4().hex[:6]
+    database = f"benchdb_{prefix}_{run}"
+    group = f"{prefix}-ours-{run}"
+    topics = [f"{prefix}.public.{t}" for t in ev.TABLES]
+    ends = end_offsets(stack.kafka, topics)
+    log(f"[2] our consumer: group {group}, ClickHouse database {database}")
+    env = ours_env(stack, args, prefix, group, database)
     result = run_ours(
         env=env,
         bootstrap=stack.kafka,
@@ -317,7 +322,20 @@ def phase_ours(stack: Stack, args, prefix: str, events: int) -> dict:
         if not report.ok:
             log(str(report)[:5000])
     result["database"] = database
+    result["group"] = group
     return result
+
+
+def phase_audit(stack: Stack, args, prefix: str, ours: dict) -> dict:
+    from bench.audit import run_audit_cost
+
+    log("[audit] cdc-consumer audit on our consumer's data: first (every offset), then repeated (from its checkpoint)")
+    return run_audit_cost(
+        env=ours_env(stack, args, prefix, ours["group"], ours["database"]),
+        clickhouse=stack.ch(ours["database"]),
+        clickhouse_pid=stack.clickhouse_pid,
+        progress=log,
+    )
 
 
 # ----------------------------------------------------------------------------- phase 3
@@ -659,6 +677,7 @@ def headline(results: dict) -> dict:
     engine_latency = latency.get("kafka_engine", {})
     timed = latency.get("variants", {}).get("timed_flush", {})
     faults = results.get("faults", {})
+    audit = results.get("audit", {})
     return {
         "date": results["date"],
         "events": results.get("produce", {}).get("events"),
@@ -709,6 +728,12 @@ def headline(results: dict) -> dict:
         "kafka_engine_fault_duplicated": faults.get("kafka_engine", {}).get("duplicated"),
         "ours_fault_lost": faults.get("ours", {}).get("lost"),
         "ours_fault_duplicated": faults.get("ours", {}).get("duplicated"),
+        "audit_scan_cpu_s_per_million_rows": audit.get("scan_cpu_s_per_million_rows"),
+        "audit_first_cpu_s_per_million_offsets": audit.get("first_audit_cpu_s_per_million_offsets"),
+        "audit_first_to_scan": audit.get("first_to_scan"),
+        "audit_repeat_clickhouse_cpu_s_per_million_rows": audit.get("repeat_audit_clickhouse_cpu_s_per_million_rows"),
+        "audit_repeat_to_scan": audit.get("repeat_to_scan"),
+        "audit_ok": audit.get("audit_ok"),
     }
 
 
@@ -824,6 +849,21 @@ def table(results: dict, head: dict) -> str:
                 f"| {label} | {f(r.get('lost'), 0)} | {f(r.get('duplicated'), 0)} | "
                 f"{ {True: 'holds', False: 'differs: ' + ', '.join(r.get('verify_failed') or []), None: '–'}[r.get('verify_ok')] } |"
             )
+    audit = results.get("audit", {})
+    if audit:
+        lines += [
+            "",
+            "| `cdc-consumer audit` | CPU-s per million | vs a scan of the fact tables |",
+            "|---|---:|---:|",
+            f"| baseline: `SELECT sum(_sign)` over the fact tables (ClickHouse) | "
+            f"{f(audit.get('scan_cpu_s_per_million_rows'), 3)} per million rows | 1.00× |",
+            f"| first audit, every offset from Kafka (audit + ClickHouse) | "
+            f"{f(audit.get('first_audit_cpu_s_per_million_offsets'), 3)} per million offsets | "
+            f"{f(audit.get('first_to_scan'), 2)}× |",
+            f"| repeated audit, history from the projection (ClickHouse; + {f(audit.get('repeat_audit_cpu_s', [None])[0], 2)}"
+            f" CPU-s of its own) | {f(audit.get('repeat_audit_clickhouse_cpu_s_per_million_rows'), 3)} per million rows | "
+            f"{f(audit.get('repeat_to_scan'), 2)}× |",
+        ]
     targets = [
         "",
         "Targets (reported, not asserted):",
@@ -863,7 +903,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=20261127)
     parser.add_argument(
         "--phases",
-        default="produce,ours,native,engine,faults,floors,latency",
+        default="produce,ours,native,engine,faults,floors,latency,audit",
         help="comma-separated subset of phases to run",
     )
     parser.add_argument("--prefix", default=None, help="reuse topics already produced under this prefix")
@@ -923,6 +963,8 @@ def main(argv: list[str] | None = None) -> int:
             results["floors"] = phase_floors(stack, args, prefix, events)
         if "latency" in phases:
             results["latency"] = phase_latency(stack, args, server)
+        if "audit" in phases and results.get("ours"):
+            results["audit"] = phase_audit(stack, args, prefix, results["ours"])
     except BaseException as failed:
         # What the phases before measured stays: kept with the error, then the error goes on.
         results["error"] = f"{type(failed).__name__}: {failed}"

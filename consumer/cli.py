@@ -308,6 +308,53 @@ def _lag(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from consumer.app.clients import clickhouse_client, schema_registry
+    from consumer.decode.envelope import EnvelopeDecoder
+    from consumer.kafka.client_config import kafka_client_config
+    from consumer.ops.audit import Auditor, serve_audit
+    from consumer.settings import load_settings
+    from consumer.transform.mapping import load_mapping
+
+    settings = load_settings()
+    auditor = Auditor(
+        kafka=kafka_client_config(settings),
+        clickhouse=clickhouse_client(settings),
+        mapping=load_mapping(settings.mapping_file, settings.topic_prefix),
+        group=args.group or settings.group_id,
+        dlq_topic=settings.dlq_topic,
+        decoder=EnvelopeDecoder(schema_registry(settings)),
+    )
+    if args.serve is not None:
+        serve_audit(auditor, args.serve, args.interval, settings.metrics_bind_address)
+        return 0
+    report = auditor.run(full=args.full)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0 if report.ok else 1
+    table = _table("topic", "partition", "committed", "applied", "accounted", "unaccounted", "duplicated")
+    for p in report.partitions:
+        table.add_row(
+            p.topic,
+            str(p.partition),
+            "-" if p.committed is None else str(p.committed),
+            f"{p.applied:,}",
+            f"{p.accounted:,}",
+            str(p.unaccounted),
+            str(p.duplicated),
+        )
+    console().print(table)
+    for p in report.partitions:
+        for issue in p.issues:
+            console().print(f"{issue.kind}: {p.topic}[{p.partition}]@{issue.offset}: {issue.detail}")
+    verdict = "every offset applied once or accounted for" if report.ok else "[red]NOT every offset accounted for[/red]"
+    console().print(
+        f"{verdict} ({report.messages_read:,} messages read, {report.buckets_checked:,} buckets checked, "
+        f"{report.buckets_reproved:,} proved again, {report.seconds:.1f}s)"
+    )
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdc-consumer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -380,6 +427,20 @@ def build_parser() -> argparse.ArgumentParser:
     lag.add_argument("--serve", type=int, metavar="PORT", default=None, help="run as a Prometheus lag exporter on PORT")
     lag.add_argument("--interval", type=float, default=5.0, help="exporter refresh interval in seconds (default 5)")
     lag.set_defaults(func=_lag)
+
+    audit = sub.add_parser(
+        "audit",
+        help="prove every offset below the committed position applied once or accounted for (Kafka + ClickHouse)",
+        description="Exit 0 when every offset of every change-topic partition below the group's committed "
+        "position is applied exactly once (its rows, with its op's signs, in ClickHouse) or accounted for "
+        "(transaction marker, tombstone, no-change op, superseded dimension version, dead-lettered); 1 with the gaps and duplicates otherwise.",
+    )
+    audit.add_argument("--group", default=None, help="consumer group (default: CDC_GROUP_ID)")
+    audit.add_argument("--json", action="store_true", help="the report as JSON")
+    audit.add_argument("--full", action="store_true", help="from the start of every partition, not the checkpoint")
+    audit.add_argument("--serve", type=int, metavar="PORT", default=None, help="audit repeatedly, gauges on PORT")
+    audit.add_argument("--interval", type=float, default=300.0, help="seconds between audits with --serve (300)")
+    audit.set_defaults(func=_audit)
     return parser
 
 

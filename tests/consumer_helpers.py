@@ -190,6 +190,26 @@ def end_offsets(kafka: str | Mapping[str, str], topics: list[str]) -> dict[tuple
         reader.close()
 
 
+def run_audit(target: ConsumerTarget, *args: str) -> tuple[int, dict]:
+    """`cdc-consumer audit --json` for the target's group and database, as an operator runs it:
+    (exit code, the report)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "consumer.cli", "audit", "--json", *args],
+        env=target.env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.stdout.lstrip().startswith("{"), f"audit exited {done.returncode}:\n{done.stderr[-5000:]}"
+    return done.returncode, json.loads(done.stdout)
+
+
+def audit_issues(report: dict) -> list[tuple[str, int, str, int]]:
+    """(topic, partition, kind, offset) of every issue the audit listed."""
+    return [(p["topic"], p["partition"], i["kind"], i["offset"]) for p in report["partitions"] for i in p["issues"]]
+
+
 def wait_caught_up(stack, target: ConsumerTarget, process: ConsumerProcess | None = None, timeout: float = 300) -> None:
     """Until Debezium has emitted everything committed so far, and every partition's committed
     offset reached the end of its topic."""

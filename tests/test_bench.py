@@ -33,7 +33,7 @@ def test_bench_runs_in_one_command_and_cleans_up(stack):
             "--events",
             str(EVENTS),
             "--phases",
-            "produce,ours,native,engine,faults,floors",
+            "produce,ours,native,engine,faults,floors,audit",
             "--rounds",
             "1",
         ],
@@ -74,6 +74,10 @@ def test_bench_runs_in_one_command_and_cleans_up(stack):
         for key in ("floor_consume_events_per_s", "floor_decode_events_per_s"):
             assert head[key] > 0, key
         assert results["ours"]["rows_inserted"] == EVENTS
+        # The audit proves the benchmark's data clean, first from Kafka, then from its checkpoint.
+        assert head["audit_ok"] is True
+        for key in ("audit_first_cpu_s_per_million_offsets", "audit_scan_cpu_s_per_million_rows"):
+            assert isinstance(head[key], float) and head[key] > 0, key
         assert all(r["verify_ok"] for r in results["ours_rounds"])
 
         prefix = results["prefix"]

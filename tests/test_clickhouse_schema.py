@@ -323,9 +323,10 @@ def test_repository_migrations_are_ordered_and_split() -> None:
         "002_facts.sql",
         "003_kpi_aggregates.sql",
         "004_kpi_views.sql",
+        "005_offset_audit.sql",
     ]
     assert Path(str(DEFAULT_DIRECTORY)).resolve() == REPO / "clickhouse"  # consumer/migrations links there
-    assert [len(m.statements) for m in migrations] == [2, 2, 3, 5]
+    assert [len(m.statements) for m in migrations] == [2, 2, 3, 5, 11]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,10 +355,10 @@ def test_changed_migration_is_an_error_and_new_files_apply(ch: Any, tmp_path: Pa
     directory = tmp_path / "clickhouse"
     shutil.copytree(DEFAULT_DIRECTORY, directory)
     apply_migrations(ch, directory)
-    (directory / "005_campaign_landing_url.sql").write_text(
+    (directory / "006_campaign_landing_url.sql").write_text(
         "-- a later Postgres column\nALTER TABLE dim_campaign ADD COLUMN IF NOT EXISTS landing_url String DEFAULT '';\n"
     )
-    assert apply_migrations(ch, directory) == ["005_campaign_landing_url.sql"]
+    assert apply_migrations(ch, directory) == ["006_campaign_landing_url.sql"]
     assert apply_migrations(ch, directory) == []
     with (directory / "002_facts.sql").open("a") as f:
         f.write("\n-- edited after it was applied\n")
@@ -377,7 +378,7 @@ def test_watermark_query_uses_the_projection(schema: Any) -> None:
     assert applied_offsets(schema, "fact_clicks", T_CLK) == {}
     query = "SELECT _partition, max(_offset) FROM fact_impressions WHERE _topic = {t:String} GROUP BY _partition"
     plan = "\n".join(r[0] for r in schema.query(f"EXPLAIN {query}", parameters={"t": T_IMP}).result_rows)
-    assert "applied_watermarks" in plan, plan
+    assert "offset_digests" in plan, plan
     forced = schema.query(query, parameters={"t": T_IMP}, settings={"force_optimize_projection": 1})
     assert forced.result_rows == [(0, 7)]
     with pytest.raises(ValueError):

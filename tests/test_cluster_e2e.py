@@ -4,7 +4,9 @@ cluster mode apply mixed traffic (inserts, updates, deletes, cascades, TOASTed v
 broker is killed with kill -9 and brought back, and one shard is frozen (SIGSTOP) for 30 s.
 Meanwhile the frozen shard's partitions back off, /readyz and cdc_clickhouse_shard_up name it,
 and the other shard keeps taking rows. Afterwards every KPI view and dimension equals Postgres,
-nothing is lost or counted twice, and both shards hold fact rows.
+nothing is lost or counted twice, `cdc-consumer audit` exits 0 (every offset below the committed
+positions applied once or accounted for, read through the Distributed tables), and both shards
+hold fact rows.
 
 The consumers run as a supervisor would run them (systemd Restart=always): one that exits (its
 watchdog, CDC_STALL_EXIT_S, when librdkafka lost the coordinator for good, or a rebalance that

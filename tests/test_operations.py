@@ -26,7 +26,14 @@ from cdc_dev.stack.components import Prometheus
 from cdc_dev.stack.layout import REPO_ROOT
 from cdc_dev.verify import compare, totals
 from consumer.transform.mapping import DEFAULT_MAPPING
-from tests.consumer_helpers import new_target, running_consumer, start_consumer, wait_caught_up
+from tests.consumer_helpers import (
+    audit_issues,
+    new_target,
+    run_audit,
+    running_consumer,
+    start_consumer,
+    wait_caught_up,
+)
 
 DASHBOARD = REPO_ROOT / "dashboards" / "cdc-consumer.json"
 ALERTS = REPO_ROOT / "dashboards" / "alerts.yml"
@@ -145,6 +152,16 @@ def assert_matches_postgres(stack, target) -> None:
 
 
 # -- tests ------------------------------------------------------------------------------------
+def _serve(target, tmp_path, command: str, port: int, interval: float) -> subprocess.Popen:
+    """`cdc-consumer <command> --serve PORT` beside the consumer, as an operator runs it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "consumer.cli", command, "--serve", str(port), "--interval", str(interval)],
+        env={**target.env, "CDC_METRICS_PORT": "0"},
+        stdout=(tmp_path / f"{command}.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+
 def test_promtool_accepts_the_alert_rules() -> None:
     promtool = shutil.which("promtool") or "/usr/bin/promtool"
     if not Path(promtool).exists():
@@ -204,21 +221,8 @@ def test_prometheus_sees_lag_rise_while_stopped_and_every_expression_returns_dat
     target.clickhouse().command("CREATE TABLE ops_poison AS fact_impressions")
     admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
     admin.create_topics([NewTopic(poison_topic, 1, 1)])[poison_topic].result(30)
-    exporter = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "consumer.cli",
-            "lag",
-            "--serve",
-            str(layout.ports.lag_exporter_port),
-            "--interval",
-            "2",
-        ],
-        env={**target.env, "CDC_METRICS_PORT": "0"},
-        stdout=(tmp_path / "exporter.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    exporter = _serve(target, tmp_path, "lag", layout.ports.lag_exporter_port, interval=2)
+    auditor = _serve(target, tmp_path, "audit", layout.ports.audit_exporter_port, interval=5)
     total_lag = "sum(max by (topic, partition) (cdc_consumer_lag_messages))"
     try:
         consumer = start_consumer(target, tmp_path)
@@ -269,6 +273,10 @@ def test_prometheus_sees_lag_rise_while_stopped_and_every_expression_returns_dat
             prometheus.wait("CdcDeadLetters", lambda: prometheus.alerts().get("CdcDeadLetters"), timeout=45)
             prometheus.wait("lag 0 past the poison", lambda: prometheus.value(total_lag) == 0, timeout=60)
             time.sleep(6)  # one more scrape: rate() windows hold two samples of every series
+            prometheus.wait("the audit scraped", lambda: prometheus.value('up{job="cdc-audit"}') == 1)
+            audit = "sum(cdc_audit_unaccounted_offsets) + sum(cdc_audit_duplicated_offsets)"
+            prometheus.wait("an audit exported", lambda: prometheus.value(audit) is not None, timeout=60)
+            assert prometheus.value(audit) == 0
 
             empty = [e for e in dashboard_expressions() if not prometheus.query(e)]
             assert not empty, f"dashboard expressions without data: {empty}"
@@ -276,8 +284,9 @@ def test_prometheus_sees_lag_rise_while_stopped_and_every_expression_returns_dat
             assert not empty, f"alert expressions without data: {empty}"
             assert_matches_postgres(stack, target)
     finally:
-        exporter.send_signal(signal.SIGTERM)
-        exporter.wait(30)
+        for process in (exporter, auditor):
+            process.send_signal(signal.SIGTERM)
+            process.wait(30)
 
 
 @pytest.mark.stack
@@ -319,6 +328,9 @@ def test_replay_is_idempotent_and_restores_dropped_facts_beside_the_live_consume
         assert_matches_postgres(stack, target)
         restored = fact_totals(stack, target)
         assert all(pg == live == agg for pg, live, _rows, agg in restored.values()), restored
+        # Every change applied once: the restored ones written twice, their rows held once.
+        code, audit = run_audit(target)
+        assert code == 0 and audit["ok"], audit_issues(audit)[:20]
         assert consumer.stop() == 0, consumer.output()[-3000:]
     groups = [g.group_id for g in AdminClient(stack.kafka).list_consumer_groups().result().valid]
     assert not [g for g in groups if g.startswith(f"{target.group_id}-backfill-")], "backfill groups are deleted"

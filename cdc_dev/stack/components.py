@@ -881,6 +881,9 @@ global:
   - job_name: cdc-lag-exporter
     static_configs:
       - targets: ["{HOST}:{self.layout.ports.lag_exporter_port}"]
+  - job_name: cdc-audit
+    static_configs:
+      - targets: ["{HOST}:{self.layout.ports.audit_exporter_port}"]
 """)
         return path
 

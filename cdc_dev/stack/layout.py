@@ -55,6 +55,7 @@ class StackPorts(BaseSettings):
     prometheus_port: int = Field(19090, ge=1, le=65535)
     metrics_port: int = Field(19108, ge=1, le=65535)
     lag_exporter_port: int = Field(19109, ge=1, le=65535)  # `cdc-consumer lag --serve`, when one runs
+    audit_exporter_port: int = Field(19110, ge=1, le=65535)  # `cdc-consumer audit --serve`, when one runs
 
 
 class StackShape(BaseSettings):

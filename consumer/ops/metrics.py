@@ -120,3 +120,39 @@ def initialize_series(mapping) -> None:
         poison_breaker_open.labels(table.topic).set(0)
     for kind in ("assign", "revoke", "lost"):
         rebalances.labels(kind)
+
+
+@dataclass(frozen=True)
+class AuditMetrics:
+    """The families of `cdc-consumer audit --serve` (consumer.ops.audit), in a registry of their own."""
+
+    registry: CollectorRegistry
+    unaccounted: Gauge
+    duplicated: Gauge
+    last_success: Gauge
+    seconds: Gauge
+    failures: Counter
+
+
+def audit_metrics() -> AuditMetrics:
+    registry = CollectorRegistry()
+    return AuditMetrics(
+        registry=registry,
+        unaccounted=Gauge(
+            "cdc_audit_unaccounted_offsets",
+            "Offsets below the committed position neither applied nor accounted for (gaps, rows gone)",
+            PARTITION_LABELS,
+            registry=registry,
+        ),
+        duplicated=Gauge(
+            "cdc_audit_duplicated_offsets",
+            "Offsets applied more than once, or whose rows are not what their op writes",
+            PARTITION_LABELS,
+            registry=registry,
+        ),
+        last_success=Gauge(
+            "cdc_audit_last_success_timestamp_seconds", "Unix time of the last completed audit", registry=registry
+        ),
+        seconds=Gauge("cdc_audit_duration_seconds", "How long the last completed audit took", registry=registry),
+        failures=Counter("cdc_audit_failures_total", "Audits that could not complete", registry=registry),
+    )

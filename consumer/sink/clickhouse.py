@@ -336,7 +336,7 @@ class ClickHouseSink:
         key_list = _column_list(table.key)
         width = len(table.key)
         live = {}
-        for condition, parameters in _in_conditions(table, keys):
+        for condition, parameters in key_conditions(table, keys):
             result = self.client.query(
                 f"SELECT {key_list}, argMaxIf(tuple({_column_list(values)}), _offset, _sign > 0) "
                 f"FROM {quote(self.stored(table.table))} "
@@ -400,7 +400,7 @@ class ClickHouseSink:
         """key → the highest _version ClickHouse holds for it, delete markers included."""
         key_list = _column_list(table.key)
         newest: dict[tuple, int] = {}
-        for condition, parameters in _in_conditions(table, keys):
+        for condition, parameters in key_conditions(table, keys):
             result = self.client.query(
                 f"SELECT {key_list}, max(_version) FROM {quote(self.stored(table.table))} WHERE {condition} GROUP BY {key_list}",
                 parameters=parameters,
@@ -414,7 +414,7 @@ class ClickHouseSink:
         key_list = _column_list(table.key)
         selected = ", ".join([*map(quote, table.key), *(f"argMax({quote(c)}, _version)" for c in value_columns)])
         latest = {}
-        for condition, parameters in _in_conditions(table, keys):
+        for condition, parameters in key_conditions(table, keys):
             result = self.client.query(
                 f"SELECT {selected} FROM {quote(self.stored(table.table))} WHERE {condition} AND _is_deleted = 0 GROUP BY {key_list}",
                 parameters=parameters,
@@ -444,7 +444,7 @@ class _Coordinates:
 KEYS_PER_QUERY = 2_000  # query parameters travel as HTTP form fields, which have a size limit
 
 
-def _in_conditions(table: TableMapping, keys: set[tuple]) -> list[tuple[str, dict]]:
+def key_conditions(table: TableMapping, keys: set[tuple]) -> list[tuple[str, dict]]:
     """`key IN {keys}` conditions with their parameters, in chunks of KEYS_PER_QUERY keys."""
     key_list = _column_list(table.key)
     ordered = sorted(keys)

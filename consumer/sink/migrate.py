@@ -250,7 +250,8 @@ def applied_offsets(client: Any, table: str, topic: str) -> dict[int, int]:
 
     The consumer skips messages at or below it. Read from the rows themselves, so it can never
     disagree with the data. For the fact tables the query is answered by the aggregate projection
-    ``applied_watermarks`` (a few rows per part); the dimension tables are small and scanned.
+    ``offset_digests`` (005_offset_audit.sql; a few rows per part); the dimension tables are small
+    and scanned.
     Partitions with nothing applied are absent.
     """
     rows = client.query(

@@ -263,6 +263,13 @@ class Mapper:
         if added:
             raise NewColumns(table, added)
 
+    def key(self, table: TableMapping, event: ChangeEvent) -> tuple:
+        """The changed row's key in the table's types: from the after-image, a delete's before-image."""
+        side = "before" if event.op == "d" else "after"
+        image = _require(getattr(event, side), event, side)
+        by_name = {c.name: c for c in table.columns}
+        return tuple(self._convert(table, by_name[k], image) for k in table.key)
+
     def _dimension_row(self, table: TableMapping, event: ChangeEvent, tiebreak: int) -> tuple:
         version = row_version(event.lsn, tiebreak)
         if event.op == "d":

@@ -2,7 +2,9 @@
 to end, Kafka offsets, the consumer's /metrics and /readyz, and the final check against Postgres.
 
 The check is the project's ground truth (`cdc_dev.verify`): `compare` (every KPI view and dimension
-equal to Postgres) and `totals` (live rows per table on both sides: lost / double-counted).
+equal to Postgres) and `totals` (live rows per table on both sides: lost / double-counted); and,
+from Kafka and ClickHouse alone, `cdc-consumer audit` (`assert_audit_clean`): every offset below
+the committed positions applied exactly once or accounted for.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from cdc_dev.generate import generate
 from cdc_dev.stack import process
 from cdc_dev.verify import compare, totals
 from consumer.kafka.lag import LagReader
-from tests.consumer_helpers import end_offsets, topics_for, wait_caught_up
+from tests.consumer_helpers import audit_issues, end_offsets, run_audit, topics_for, wait_caught_up
 
 SCALE = os.environ.get("CDC_FAULTS_SCALE", "ci").strip().lower()
 if SCALE not in ("ci", "full"):
@@ -226,6 +228,7 @@ class Outcome:
     result: Result
     report: object
     totals: dict = field(default_factory=dict)
+    audit: dict = field(default_factory=dict)  # `cdc-consumer audit --json`
 
 
 def settle_and_check(
@@ -252,12 +255,24 @@ def settle_and_check(
     faults_only = result.dead_lettered is None  # a fault, no bad input: nothing may be dead-lettered
     if faults_only:
         result.dead_lettered = dlq_count(stack.kafka_bootstrap, target.env["CDC_DLQ_TOPIC"])
-    result.ok = report.ok and lost == 0 and double == 0 and not (faults_only and result.dead_lettered)
+    audit_code, audit = run_audit(target)
+    result.ok = (
+        report.ok and lost == 0 and double == 0 and not (faults_only and result.dead_lettered) and audit_code == 0
+    )
     details = "\n".join(str(t) for t in table_totals.values())
     assert report.ok, f"{result.scenario}: ClickHouse differs from Postgres\n{report}\n{details}"
     assert lost == 0 and double == 0, f"{result.scenario}: lost {lost}, double-counted {double}\n{details}"
     assert not (faults_only and result.dead_lettered), f"{result.scenario}: {result.dead_lettered} dead-lettered"
-    return Outcome(result, report, table_totals)
+    assert audit_code == 0 and audit["ok"], f"{result.scenario}: audit found {audit_issues(audit)[:20]}"
+    return Outcome(result, report, table_totals, audit)
+
+
+def assert_audit_clean(target) -> dict:
+    """`cdc-consumer audit` of the target's group exits 0: every offset of the change topics below
+    the committed positions is applied exactly once or accounted for. Returns its report."""
+    code, report = run_audit(target)
+    assert code == 0 and report["ok"], f"audit exited {code}: {audit_issues(report)[:20]}"
+    return report
 
 
 def warm_up(stack, target, process=None) -> None:

@@ -290,7 +290,10 @@ def test_bad_input_is_dead_lettered_with_its_reason_and_good_messages_around_it_
             dead_lettered=len(dead),
             note="events = Kafka messages copied + bad ones; each bad one dead-lettered with its reason (table below)",
         )
-        settle_and_check(stack, target, result, process=consumer, probe=False)
+        outcome = settle_and_check(stack, target, result, process=consumer, probe=False)
+
+    # The audit counts each of them as accounted for (dead-lettered), not as a gap.
+    assert sum(p["accounted"]["dead_lettered"] for p in outcome.audit["partitions"]) == len(dead)
 
     # Every bad message in the DLQ, at its offset, with its reason; nothing else.
     impressions_topic = target_partition[0]

@@ -31,14 +31,21 @@ def forms(layout: ClusterLayout) -> list[str]:
 
 
 def test_every_merge_tree_table_is_sharded() -> None:
-    assert {"dim_advertiser", "dim_campaign", "fact_impressions", "fact_clicks", "agg_campaign_daily"} == SHARDED
+    assert {
+        "dim_advertiser",
+        "dim_campaign",
+        "fact_impressions",
+        "fact_clicks",
+        "agg_campaign_daily",
+        "_cdc_audit_checkpoints",
+    } == SHARDED
 
 
 @pytest.mark.parametrize("layout", [PLAIN, REPLICATED], ids=["node by node", "replicated"])
 def test_every_cluster_statement_parses(clickhouse, layout: ClusterLayout) -> None:
     for statement in forms(layout):
         formatted = clickhouse.query("SELECT formatQuery({q:String})", parameters={"q": statement}).result_rows
-        assert formatted and formatted[0][0].startswith("CREATE"), statement
+        assert formatted and formatted[0][0].startswith(("CREATE", "ALTER")), statement
 
 
 def test_locals_and_distributed_tables_under_the_readers_names() -> None:

@@ -1,0 +1,103 @@
+"""The audit phase: what `cdc-consumer audit` costs on the database our consumer just filled, against a
+baseline measured in the same run: a plain scan of the fact tables (`SELECT sum(_sign)`, one
+column of every row; `count()` alone is answered from part metadata and reads nothing).
+
+* **first audit** (`--full`): every offset read from Kafka and compared with the rows, offset by
+  offset: what an audit costs for offsets it has not seen yet;
+* **repeat audit**: from its checkpoint with nothing new, so only the history check from the
+  projections: what an audit every few minutes costs for the billions of rows already proved.
+
+CPU is the audit process's (its own rusage) plus ClickHouse's (from /proc, less its idle rate).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import procstat
+
+REPO = Path(__file__).resolve().parents[1]
+FACTS = ("fact_impressions", "fact_clicks")
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _measured(clickhouse_pid: int | None, idle: float, work) -> tuple[float, float, float, object]:
+    """(own CPU of children, ClickHouse CPU, wall seconds, result) of `work()`."""
+    own0, wall0 = _children_cpu(), time.monotonic()
+    ch0 = procstat.cpu_seconds(clickhouse_pid) if clickhouse_pid else 0.0
+    result = work()
+    wall = time.monotonic() - wall0
+    ch = procstat.cpu_seconds(clickhouse_pid) - ch0 - idle * wall if clickhouse_pid else 0.0
+    return _children_cpu() - own0, max(ch, 0.0), wall, result
+
+
+def run_audit_cost(*, env: dict, clickhouse, clickhouse_pid: int | None, progress=print) -> dict:
+    procstat.merges_settled(clickhouse)
+    idle = procstat.idle_cpu_rate(clickhouse_pid) if clickhouse_pid else 0.0
+    rows = sum(int(clickhouse.query(f"SELECT count() FROM {t}").result_rows[0][0]) for t in FACTS)
+
+    def scan():
+        for table in FACTS:
+            clickhouse.query(f"SELECT sum(_sign) FROM {table}", settings={"use_query_cache": 0})
+
+    scans = [_measured(clickhouse_pid, idle, scan) for _ in range(3)]
+    _, scan_cpu, scan_wall, _ = min(scans, key=lambda m: m[1])
+
+    def audit(*args: str) -> dict:
+        done = subprocess.run(
+            [sys.executable, "-m", "consumer.cli", "audit", "--json", *args],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+            check=False,
+        )
+        if not done.stdout.lstrip().startswith("{"):
+            raise RuntimeError(f"audit failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout)
+
+    first_own, first_ch, first_wall, first = _measured(clickhouse_pid, idle, lambda: audit("--full"))
+    repeat_own, repeat_ch, repeat_wall, repeat = _measured(clickhouse_pid, idle, audit)
+    offsets = sum(p["applied"] + sum(p["accounted"].values()) for p in first["partitions"])
+
+    def per_million(cpu: float, count: int) -> float | None:
+        return round(cpu / count * 1e6, 3) if count else None
+
+    scan_pm = per_million(scan_cpu, rows)
+    first_pm = per_million(first_own + first_ch, offsets)
+    # What grows with the history is ClickHouse's part; the process's own is a fixed start-up cost.
+    repeat_pm = per_million(repeat_ch, rows)
+    result = {
+        "fact_rows": rows,
+        "offsets": offsets,
+        "audit_ok": first["ok"] and repeat["ok"],
+        "scan_clickhouse_cpu_s": round(scan_cpu, 3),
+        "scan_wall_s": round(scan_wall, 3),
+        "scan_cpu_s_per_million_rows": scan_pm,
+        "first_audit_cpu_s": [round(first_own, 3), round(first_ch, 3)],
+        "first_audit_wall_s": round(first_wall, 2),
+        "first_audit_cpu_s_per_million_offsets": first_pm,
+        "repeat_audit_cpu_s": [round(repeat_own, 3), round(repeat_ch, 3)],
+        "repeat_audit_wall_s": round(repeat_wall, 2),
+        "repeat_audit_clickhouse_cpu_s_per_million_rows": repeat_pm,
+        "repeat_buckets_checked": repeat["buckets_checked"],
+        "first_to_scan": round(first_pm / scan_pm, 2) if first_pm and scan_pm else None,
+        "repeat_to_scan": round(repeat_pm / scan_pm, 2) if repeat_pm and scan_pm else None,
+    }
+    progress(
+        f"  audit: first {first_pm} CPU-s per million offsets ({result['first_to_scan']}× the scan's "
+        f"{scan_pm} per million rows), repeat: ClickHouse {repeat_pm} per million rows ({result['repeat_to_scan']}×) "
+        f"+ {repeat_own:.2f} CPU-s of its own; "
+        f"{'clean' if result['audit_ok'] else 'NOT CLEAN'}"
+    )
+    return result
