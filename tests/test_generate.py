@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,8 +46,23 @@ def scratch_database() -> Iterator[str]:
             conn.execute(SCHEMA.read_text())
         yield dsn
     finally:
-        with psycopg.connect(DSN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _drop_database(DSN, name)
+
+
+def _drop_database(dsn: str, name: str, patience_s: float = 60.0) -> None:
+    """DROP … WITH (FORCE) ends the test's own sessions, but a non-superuser may not end an
+    autovacuum worker that happens to be in the new database (InsufficientPrivilege, seen in CI):
+    it finishes within seconds, so the drop is tried again until then."""
+    deadline = time.monotonic() + patience_s
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        while True:
+            try:
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                return
+            except psycopg.errors.InsufficientPrivilege:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
