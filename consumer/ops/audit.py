@@ -44,6 +44,7 @@ from confluent_kafka.admin import OffsetSpec
 
 from consumer.core.errors import Poison
 from consumer.core.offsets import Runs, size, subtract
+from consumer.core.secrets import redact_secrets
 from consumer.kafka.client_config import KafkaClientConfig
 from consumer.kafka.lag import LagReader
 from consumer.kafka.log_scan import KafkaLog
@@ -412,7 +413,7 @@ def serve_audit(auditor: Auditor, port: int, interval: float, bind_address: str)
             try:
                 report = auditor.run()
             except Exception as exc:
-                log.warning("audit failed: %s", exc)
+                log.warning("audit failed: %s", redact_secrets(str(exc)))  # a client error may carry a URL
                 families.failures.inc()
             else:
                 for item in report.partitions:
