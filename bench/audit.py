@@ -6,7 +6,10 @@ column of every row; `count()` and `sum(_sign)` are answered from part metadata 
 * **first audit** (`--full`): every offset read from Kafka and compared with the rows, offset by
   offset: what an audit costs for offsets it has not seen yet;
 * **repeat audit**: from its checkpoint with nothing new, so only the history check from the
-  projections: what an audit every few minutes costs for the billions of rows already proved.
+  projections: what an audit every few minutes costs for the billions of rows already proved;
+* **gap audit**: the same group against an empty database, so every offset is a gap and its value
+  is decoded: the audit's peak memory against the clean first audit's shows that what it holds
+  stays within one bucket of offsets, however many are missing.
 
 CPU is the audit process's (its own rusage) plus ClickHouse's (from /proc, less its idle rate).
 """
@@ -14,9 +17,11 @@ CPU is the audit process's (its own rusage) plus ClickHouse's (from /proc, less 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,23 +60,23 @@ def run_audit_cost(*, env: dict, clickhouse, clickhouse_pid: int | None, progres
     scans = [_measured(clickhouse_pid, idle, scan) for _ in range(3)]
     _, scan_cpu, scan_wall, _ = min(scans, key=lambda m: m[1])
 
-    def audit(*args: str) -> dict:
-        done = subprocess.run(
-            [sys.executable, "-m", "consumer.cli", "audit", "--json", *args],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=3600,
-            check=False,
-        )
-        if not done.stdout.lstrip().startswith("{"):
-            raise RuntimeError(f"audit failed ({done.returncode}):\n{done.stderr[-3000:]}")
-        return json.loads(done.stdout)
+    def audit(*args: str, env: dict = env) -> dict:
+        report, peak = _audit_with_peak_rss(env, *args)
+        peaks.append(peak)
+        return report
 
+    peaks: list[int] = []
     first_own, first_ch, first_wall, first = _measured(clickhouse_pid, idle, lambda: audit("--full"))
     repeat_own, repeat_ch, repeat_wall, repeat = _measured(clickhouse_pid, idle, audit)
     offsets = sum(p["applied"] + sum(p["accounted"].values()) for p in first["partitions"])
+    empty = {**env, "CDC_CLICKHOUSE_URL": env["CDC_CLICKHOUSE_URL"] + "_empty"}
+    database = empty["CDC_CLICKHOUSE_URL"].rsplit("/", 1)[1]
+    _cli(empty, "migrate")
+    try:
+        gaps = audit("--full", env=empty)
+    finally:
+        clickhouse.command(f"DROP DATABASE IF EXISTS {database}")
+    first_peak, gap_peak = peaks[0], peaks[2]
 
     def per_million(cpu: float, count: int) -> float | None:
         return round(cpu / count * 1e6, 3) if count else None
@@ -83,6 +88,7 @@ def run_audit_cost(*, env: dict, clickhouse, clickhouse_pid: int | None, progres
     result = {
         "fact_rows": rows,
         "offsets": offsets,
+        "applied": sum(p["applied"] for p in first["partitions"]),
         "audit_ok": first["ok"] and repeat["ok"],
         "scan_clickhouse_cpu_s": round(scan_cpu, 3),
         "scan_wall_s": round(scan_wall, 3),
@@ -94,13 +100,46 @@ def run_audit_cost(*, env: dict, clickhouse, clickhouse_pid: int | None, progres
         "repeat_audit_wall_s": round(repeat_wall, 2),
         "repeat_audit_clickhouse_cpu_s_per_million_rows": repeat_pm,
         "repeat_buckets_checked": repeat["buckets_checked"],
+        "first_audit_peak_rss_mb": round(first_peak / 2**20, 1),
+        "gap_audit_unaccounted": gaps["unaccounted"],
+        "gap_audit_peak_rss_mb": round(gap_peak / 2**20, 1),
+        "gap_to_clean_peak_rss": round(gap_peak / first_peak, 2),
         "first_to_scan": round(first_pm / scan_pm, 2) if first_pm and scan_pm else None,
         "repeat_to_scan": round(repeat_pm / scan_pm, 2) if repeat_pm and scan_pm else None,
     }
     progress(
         f"  audit: first {first_pm} CPU-s per million offsets ({result['first_to_scan']}× the scan's "
         f"{scan_pm} per million rows), repeat: ClickHouse {repeat_pm} per million rows ({result['repeat_to_scan']}×) "
-        f"+ {repeat_own:.2f} CPU-s of its own; "
+        f"+ {repeat_own:.2f} CPU-s of its own; peak memory with all {gaps['unaccounted']} offsets missing "
+        f"{result['gap_to_clean_peak_rss']}× a clean audit's ({result['first_audit_peak_rss_mb']} MB); "
         f"{'clean' if result['audit_ok'] else 'NOT CLEAN'}"
     )
     return result
+
+
+def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "consumer.cli", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+
+
+def _audit_with_peak_rss(env: dict, *args: str) -> tuple[dict, int]:
+    """`audit --json` as an operator runs it: (its report, its peak resident memory in bytes)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "consumer.cli", "audit", "--json", *args], env=env, cwd=REPO, stdout=out, stderr=err
+        )
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        report = out.read()
+        if not report.lstrip().startswith("{"):
+            raise RuntimeError(f"audit failed ({child.returncode}):\n{err.read()[-3000:]}")
+    return json.loads(report), usage.ru_maxrss * 1024  # KiB on Linux

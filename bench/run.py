@@ -738,6 +738,7 @@ def headline(results: dict) -> dict:
         "audit_repeat_clickhouse_cpu_s_per_million_rows": audit.get("repeat_audit_clickhouse_cpu_s_per_million_rows"),
         "audit_repeat_to_scan": audit.get("repeat_to_scan"),
         "audit_ok": audit.get("audit_ok"),
+        "audit_gap_to_clean_peak_rss": audit.get("gap_to_clean_peak_rss"),
     }
 
 
@@ -867,6 +868,11 @@ def table(results: dict, head: dict) -> str:
             f"| repeated audit, history from the projection (ClickHouse; + {f(audit.get('repeat_audit_cpu_s', [None])[0], 2)}"
             f" CPU-s of its own) | {f(audit.get('repeat_audit_clickhouse_cpu_s_per_million_rows'), 3)} per million rows | "
             f"{f(audit.get('repeat_to_scan'), 2)}× |",
+            "",
+            f"Peak memory of the audit with every one of {audit.get('gap_audit_unaccounted')} offsets missing "
+            f"(each decoded): {f(audit.get('gap_audit_peak_rss_mb'), 1)} MB, "
+            f"{f(audit.get('gap_to_clean_peak_rss'), 2)}× a clean first audit's "
+            f"{f(audit.get('first_audit_peak_rss_mb'), 1)} MB.",
         ]
     native_cpu, consume_cpu = native.get("cpu_s_per_million"), floors.get("consume", {}).get("cpu_s_per_million")
     limit = native_cpu + consume_cpu if native_cpu and consume_cpu else None

@@ -309,22 +309,11 @@ def _lag(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from consumer.app.clients import clickhouse_client, schema_registry
-    from consumer.decode.envelope import EnvelopeDecoder
-    from consumer.kafka.client_config import kafka_client_config
-    from consumer.ops.audit import Auditor, serve_audit
+    from consumer.ops.audit import auditor_for, serve_audit
     from consumer.settings import load_settings
-    from consumer.transform.mapping import load_mapping
 
     settings = load_settings()
-    auditor = Auditor(
-        kafka=kafka_client_config(settings),
-        clickhouse=clickhouse_client(settings),
-        mapping=load_mapping(settings.mapping_file, settings.topic_prefix),
-        group=args.group or settings.group_id,
-        dlq_topic=settings.dlq_topic,
-        decoder=EnvelopeDecoder(schema_registry(settings)),
-    )
+    auditor = auditor_for(settings, args.group)
     if args.serve is not None:
         serve_audit(auditor, args.serve, args.interval, settings.metrics_bind_address)
         return 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 
 from cdc_dev.generate import generate
+from consumer.ops import audit
+from consumer.settings import load_settings
 from tests.consumer_helpers import audit_issues, new_target, run_audit, running_consumer, wait_caught_up
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -32,7 +34,7 @@ def _delete(ch, table: str, at: tuple[str, int, int], sign: int) -> None:
     )
 
 
-def test_audit_is_clean_after_mixed_traffic_and_names_deleted_and_duplicated_rows(stack, tmp_path) -> None:
+def test_audit_is_clean_after_mixed_traffic_and_names_deleted_and_duplicated_rows(stack, tmp_path, monkeypatch) -> None:
     stats = generate(stack.postgres_dsn, rate=1500, duration=8, seed=1616)
     assert stats.events > 5_000
     target = new_target(stack, tmp_path)
@@ -83,3 +85,37 @@ def test_audit_is_clean_after_mixed_traffic_and_names_deleted_and_duplicated_row
     assert sorted(audit_issues(full)) == sorted(
         [(created[0], created[1], "gap", created[2]), (duplicated[0], duplicated[1], "duplicate", duplicated[2])]
     )
+
+    # A whole partition's rows deleted: every offset of it a gap, found window by window in one
+    # read of Kafka. Windows of 1,000 offsets (the audit's is 65,536) put the gap across many
+    # windows, and the report must be the one the default window gives.
+    partition = created[1]
+    lost = ch.query(
+        "SELECT uniqExact(_offset), min(_offset) FROM fact_impressions WHERE _topic = {t:String} AND _partition = {p:UInt32}",
+        parameters={"t": created[0], "p": partition},
+    ).result_rows[0]
+    assert lost[0] > 2_000, "too little traffic for a gap across windows"
+    ch.command(
+        "ALTER TABLE fact_impressions DELETE WHERE _topic = {t:String} AND _partition = {p:UInt32} "
+        "SETTINGS mutations_sync = 2",
+        parameters={"t": created[0], "p": partition},
+    )
+    code, default_window = run_audit(target, "--full")
+    for name, value in target.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(audit, "WINDOW", 1_000)
+    small_windows = audit.auditor_for(load_settings()).run(full=True).as_dict()
+    assert code == 1
+    for report in (default_window, small_windows):
+        (emptied,) = [p for p in report["partitions"] if (p["topic"], p["partition"]) == created[:2]]
+        before = next(p for p in full["partitions"] if (p["topic"], p["partition"]) == created[:2])
+        assert emptied["issue_counts"]["gap"] == before["issue_counts"].get("gap", 0) + lost[0]
+        assert emptied["applied"] == 0
+        listed = [i["offset"] for i in emptied["issues"] if i["kind"] == "gap"]
+        first = min([lost[1]] + [i["offset"] for i in before["issues"] if i["kind"] == "gap"])
+        assert len(listed) == audit.LISTED and listed[0] == first
+    assert _comparable(small_windows) == _comparable(default_window)
+
+
+def _comparable(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k != "seconds"}

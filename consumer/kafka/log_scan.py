@@ -1,33 +1,21 @@
-"""What a change topic's partition holds between two offsets, as a read_committed reader sees
-it, without decoding: which offsets are records with a value, how many are tombstones (every other
-offset is a transaction marker or an aborted record); and the source coordinates the dead-letter
-topic's headers record. Read by `cdc-consumer audit` (consumer/ops/audit.py)."""
+"""What a change topic's partition holds between two offsets, as a read_committed reader sees it
+(transaction markers and aborted records are the offsets it never gets), read once in order; and
+the source coordinates the dead-letter topic's headers record. Read by `cdc-consumer audit`
+(consumer/ops/audit.py)."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from consumer.core.offsets import Runs, runs_of
 from consumer.kafka.client_config import KafkaClientConfig
 from consumer.kafka.source import Partition
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LogRange:
-    """What a read_committed reader gets of [start, stop): the offsets of records with a value,
-    as runs, and how many tombstones; every other offset is a marker or an aborted record."""
-
-    data: Runs
-    tombstones: int
-    read: int
 
 
 class KafkaLog:
@@ -69,37 +57,16 @@ class KafkaLog:
                         raise RuntimeError(f"{partition}: {error}")
                     if message.offset() >= stop:
                         return
-                    deadline = time.monotonic() + self.timeout
                     yield message
+                    # Set once the caller resumes: it may have spent a while between records.
+                    deadline = time.monotonic() + self.timeout
                     if message.offset() == stop - 1:
                         return
         finally:
             self.reader.unassign()
 
-    def scan(self, partition: Partition, start: int, stop: int) -> LogRange:
-        read = tombstones = 0
-
-        def with_value() -> Iterator[int]:
-            nonlocal read, tombstones
-            for message in self.messages(partition, start, stop):
-                read += 1
-                if message.value() is None:
-                    tombstones += 1
-                else:
-                    yield message.offset()
-
-        data = runs_of(with_value())
-        return LogRange(data, tombstones, read)
-
-    def values(self, partition: Partition, offsets: list[int]) -> dict[int, bytes]:
-        wanted = set(offsets)
-        if not wanted:
-            return {}
-        return {
-            m.offset(): m.value()
-            for m in self.messages(partition, min(wanted), max(wanted) + 1)
-            if m.offset() in wanted and m.value() is not None
-        }
+    def cursor(self, partition: Partition, start: int, stop: int) -> LogCursor:
+        return LogCursor(self.messages(partition, start, stop))
 
     def dead_lettered(self, dlq_topic: str) -> dict[Partition, set[int]]:
         """Source coordinates of every record of the dead-letter topic, from its headers."""
@@ -119,3 +86,27 @@ class KafkaLog:
                     continue
                 found.setdefault(source, set()).add(offset)
         return found
+
+
+class LogCursor:
+    """The records of one range of a partition, read once and taken in consecutive windows, so
+    a long range is checked window by window in one pass over Kafka."""
+
+    def __init__(self, records: Iterator[Any]):
+        self._records = records
+        self._ahead: Any = None
+
+    def below(self, offset: int) -> Iterator[Any]:
+        """The next records whose offset is below `offset`."""
+        while True:
+            if self._ahead is None:
+                self._ahead = next(self._records, None)
+                if self._ahead is None:
+                    return
+            if self._ahead.offset() >= offset:
+                return
+            record, self._ahead = self._ahead, None
+            yield record
+
+    def close(self) -> None:
+        self._records.close()

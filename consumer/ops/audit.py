@@ -37,20 +37,24 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka.admin import OffsetSpec
 
+from consumer.app.clients import clickhouse_client, schema_registry
 from consumer.core.errors import Poison
-from consumer.core.offsets import Runs, size, subtract
+from consumer.core.offsets import Runs, runs_of, size, subtract
 from consumer.core.secrets import redact_secrets
-from consumer.kafka.client_config import KafkaClientConfig
+from consumer.decode.envelope import EnvelopeDecoder
+from consumer.kafka.client_config import KafkaClientConfig, kafka_client_config
 from consumer.kafka.lag import LagReader
-from consumer.kafka.log_scan import KafkaLog
+from consumer.kafka.log_scan import KafkaLog, LogCursor
+from consumer.settings import Settings
 from consumer.sink.clickhouse import AppliedOffsets
 from consumer.sink.offset_evidence import BUCKET, Digest, OffsetEvidence, op_patterns, op_rows
-from consumer.transform.mapping import Mapper, Mapping, TableMapping
+from consumer.transform.mapping import Mapper, Mapping, TableMapping, load_mapping
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,10 @@ LISTED = 100  # offsets listed per kind of issue and partition (the counts are c
 
 # Issues that leave an offset unaccounted for, and those that count one more than once.
 UNACCOUNTED = ("gap", "missing_rows", "changed_after_audit")
+# Offsets checked at a time in a new range: what the audit holds (keys, runs) stays within one
+# window however long the range; a bucket's width, like the re-check of changed history.
+WINDOW = BUCKET
+GAP = "a change neither in ClickHouse nor in the dead-letter topic"
 DUPLICATED = ("duplicate", "wrong_sign_count", "unexpected_rows")
 
 
@@ -258,32 +266,56 @@ class Auditor:
 
     # -- a new range: rows for every value, nothing irregular ----------------------------------------
     def _prove(self, scope: _Scope, start: int, stop: int) -> int:
-        """Every offset of [start, stop) applied once or accounted for; returns the messages read."""
+        """Every offset of [start, stop) applied once or accounted for; returns the messages read.
+        Kafka is read once, and checked against ClickHouse a WINDOW of offsets at a time."""
         if start >= stop:
             return 0
+        cursor = scope.log.cursor(scope.coordinates, max(start, scope.audit.log_start), stop)
+        read, lo = 0, start
+        try:
+            while lo < stop:
+                hi = min((lo // WINDOW + 1) * WINDOW, stop)
+                read += self._prove_window(scope, cursor, lo, hi)
+                lo = hi
+        finally:
+            cursor.close()
+        return read
+
+    def _prove_window(self, scope: _Scope, cursor: LogCursor, start: int, stop: int) -> int:
         table, audit = scope.table, scope.audit
-        applied = self.evidence.applied(table, scope.partition, start, stop)
+        runs = self.evidence.applied(table, scope.partition, start, stop)
         for offset, held in self.evidence.per_offset(table, scope.partition, start, stop, irregular_only=True).items():
             self._irregular(audit, table, offset, held)
         kafka_start = max(start, audit.log_start)
         if kafka_start >= stop:
             return 0  # older than what Kafka keeps: only the rows can be checked
-        scan = scope.log.scan(scope.coordinates, kafka_start, stop)
-        for offset in subtract(_clip(applied, kafka_start), scan.data):
+        applied = AppliedOffsets(runs)
+        read = 0
+        keys: dict[int, tuple] = {}  # offset without rows → the key that may account for it
+
+        def with_value() -> Iterator[int]:
+            nonlocal read
+            for message in cursor.below(stop):
+                read += 1
+                offset = message.offset()
+                if message.value() is None:
+                    audit.tombstones += 1
+                    continue
+                yield offset
+                if offset in applied:
+                    continue
+                if offset in scope.dead:
+                    audit.dead_lettered += 1
+                else:
+                    self._unapplied(scope, offset, message.value(), keys)
+
+        data = runs_of(with_value())
+        for offset in subtract(_clip(runs, kafka_start), data):
             audit.add("unexpected_rows", offset, "rows for an offset that holds no change (a marker or a tombstone)")
-        missing = [o for o in subtract(scan.data, applied) if o not in scope.dead]
-        no_change, superseded = self._writes_nothing(scope, missing)
-        for offset in missing:
-            if offset not in no_change and offset not in superseded:
-                audit.add("gap", offset, "a change neither in ClickHouse nor in the dead-letter topic")
-        audit.applied += size(_clip(applied, kafka_start))
-        audit.tombstones += scan.tombstones
-        audit.markers += (stop - kafka_start) - scan.read
-        held = AppliedOffsets(applied)
-        audit.dead_lettered += sum(1 for o in scope.dead if kafka_start <= o < stop and o not in held)
-        audit.no_change += len(no_change)
-        audit.superseded += len(superseded)
-        return scan.read
+        audit.applied += size(_clip(runs, kafka_start))
+        audit.markers += (stop - kafka_start) - read
+        self._account_by_key(scope, keys)
+        return read
 
     def _irregular(self, audit: PartitionAudit, table: TableMapping, offset: int, held: tuple[int, int]) -> None:
         rows, sign = held
@@ -292,34 +324,37 @@ class Auditor:
         else:
             audit.add("wrong_sign_count", offset, f"{rows} row(s) with sign sum {sign}, which no single change writes")
 
-    def _writes_nothing(self, scope: _Scope, offsets: list[int]) -> tuple[set[int], set[int]]:
-        """Among `offsets` (no rows, not dead-lettered): the changes that write nothing (a logical
-        message, a skipped truncate, a snapshot row of a fact ClickHouse holds alike), and the
-        dimension versions a later version of their key superseded."""
-        no_change: set[int] = set()
-        keys: dict[int, tuple] = {}
-        for offset, event in self._decoded(scope, offsets).items():
-            if event is None or event.op == "t":
-                no_change.add(offset)
-            elif scope.table.role == "dimension" or event.op == "r":
-                key = self._key(scope.table, event)
-                if key is not None:
-                    keys[offset] = key
+    def _unapplied(self, scope: _Scope, offset: int, value: bytes, keys: dict[int, tuple]) -> None:
+        """An offset with a value, no rows and no dead letter: a change that writes nothing (a
+        logical message, a skipped truncate), or one whose key may account for it (a snapshot row
+        of a fact ClickHouse holds alike, a superseded dimension version), or a gap."""
+        try:
+            event = self.decoder.decode(value)
+        except Poison as exc:
+            scope.audit.add("gap", offset, f"a message that does not decode ({exc}), not dead-lettered")
+            return
+        if event is None or event.op == "t":
+            scope.audit.no_change += 1
+            return
+        if scope.table.role == "dimension" or event.op == "r":
+            key = self._key(scope.table, event)
+            if key is not None:
+                keys[offset] = key
+                return
+        scope.audit.add("gap", offset, GAP)
+
+    def _account_by_key(self, scope: _Scope, keys: dict[int, tuple]) -> None:
+        audit = scope.audit
         if scope.table.role == "fact":
             live = self.evidence.live_facts(scope.table, set(keys.values()))
-            no_change.update(o for o, key in keys.items() if key in live)
-            return no_change, set()
-        newest = self.evidence.newest_offsets(scope.table, set(keys.values()))
-        return no_change, {o for o, key in keys.items() if newest.get(key, -1) > o}
-
-    def _decoded(self, scope: _Scope, offsets: list[int]) -> dict[int, Any]:
-        decoded = {}
-        for offset, value in scope.log.values(scope.coordinates, offsets).items():
-            try:
-                decoded[offset] = self.decoder.decode(value)
-            except Poison as exc:
-                log.info("audit: %s[%d]@%d does not decode: %s", *scope.coordinates, offset, exc)
-        return decoded
+            accounted = {o for o, key in keys.items() if key in live}
+            audit.no_change += len(accounted)
+        else:
+            newest = self.evidence.newest_offsets(scope.table, set(keys.values()))
+            accounted = {o for o, key in keys.items() if newest.get(key, -1) > o}
+            audit.superseded += len(accounted)
+        for offset in keys.keys() - accounted:
+            audit.add("gap", offset, GAP)
 
     def _key(self, table: TableMapping, event: Any) -> tuple | None:
         try:
@@ -344,15 +379,14 @@ class Auditor:
                 )
             return 0
         read = 0
-        values: dict[int, Any] = {}
+        with_value: set[int] = set()
+        unchanged_snapshots: dict[int, tuple] = {}
         for message in scope.log.messages(scope.coordinates, kafka_start, stop):
             read += 1
-            if message.value() is not None:
-                values[message.offset()] = message.value()
-        for offset in sorted(set(held) - set(values)):
-            audit.add("unexpected_rows", offset, "rows for an offset that holds no change (a marker or a tombstone)")
-        unchanged_snapshots: dict[int, tuple] = {}
-        for offset, value in values.items():
+            offset, value = message.offset(), message.value()
+            if value is None:
+                continue
+            with_value.add(offset)
             rows = held.get(offset, (0, 0))
             if offset in scope.dead and rows == (0, 0):
                 continue
@@ -373,6 +407,8 @@ class Auditor:
                     unchanged_snapshots[offset] = key
                     continue
             self._wrong(audit, offset, rows, expected)
+        for offset in sorted(held.keys() - with_value):
+            audit.add("unexpected_rows", offset, "rows for an offset that holds no change (a marker or a tombstone)")
         live = self.evidence.live_facts(table, set(unchanged_snapshots.values()))
         for offset, key in unchanged_snapshots.items():
             if key not in live:
@@ -390,6 +426,19 @@ class Auditor:
             audit.add(
                 "wrong_sign_count", offset, f"{count} row(s) with sign sum {sign}, its op writes {sorted(expected)}"
             )
+
+
+def auditor_for(settings: Settings, group: str | None = None) -> Auditor:
+    """The auditor of `group` (default: the configured consumer group) with the consumer's
+    settings: its Kafka, ClickHouse, mapping, dead-letter topic and decoder."""
+    return Auditor(
+        kafka=kafka_client_config(settings),
+        clickhouse=clickhouse_client(settings),
+        mapping=load_mapping(settings.mapping_file, settings.topic_prefix),
+        group=group or settings.group_id,
+        dlq_topic=settings.dlq_topic,
+        decoder=EnvelopeDecoder(schema_registry(settings)),
+    )
 
 
 def _clip(runs: Runs, start: int) -> Runs:
