@@ -14,7 +14,7 @@ import pytest
 
 from cdc_dev.generate import generate
 from cdc_dev.stack import manager, process
-from cdc_dev.stack.components import KafkaConnect
+from cdc_dev.stack.components import Kafka, KafkaConnect
 from cdc_dev.stack.layout import StackLayout, StackPorts
 from tests.debezium_helpers import (
     SOURCE_TABLES,
@@ -158,3 +158,27 @@ def test_connect_worker_restart_loses_no_committed_change(stack, native_stack: S
     assert created <= set(seen), f"{len(created - set(seen))} committed inserts never reached Kafka"
     duplicated = {i: n for i, n in seen.items() if n > 1}
     assert not duplicated, f"{len(duplicated)} inserts were delivered more than once"
+
+
+def test_a_part_that_exits_while_starting_is_reported_with_the_end_of_its_log(
+    native_stack: StackLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker whose log directory names another node exits at once: the error carries why,
+    since a test's temporary stack takes its log along when it goes."""
+    shifted = {name: port + 250 for name, port in StackPorts().model_dump().items()}
+    with tempfile.TemporaryDirectory(prefix="cdc-stack-") as root:
+        monkeypatch.setenv("CDC_STACK_LIB", str(native_stack.lib))
+        layout = StackLayout(root=Path(root), ports=StackPorts(**shifted))
+        broker = Kafka(layout)
+        meta = layout.data(broker.name) / "logs" / "meta.properties"
+        meta.parent.mkdir(parents=True)
+        meta.write_text("version=1\ncluster.id=AAAAAAAAAAAAAAAAAAAAAA\nnode.id=7\n")
+        try:
+            broker.start()
+            with pytest.raises(manager.StackError) as failure:
+                manager._wait_healthy(broker)
+        finally:
+            broker.stop()
+    message = str(failure.value)
+    assert message.startswith("kafka exited during start; the end of ")
+    assert "node id" in message.lower(), message

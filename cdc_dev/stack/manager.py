@@ -16,6 +16,7 @@ from cdc_dev.stack import process
 from cdc_dev.stack.components import Component, Kafka, KafkaConnect, Postgres, all_components
 from cdc_dev.stack.install import ensure_installed
 from cdc_dev.stack.layout import REPO_ROOT, StackLayout
+from consumer.core.secrets import redact_secrets
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +115,28 @@ def _running_mode(layout: StackLayout) -> str | None:
 def _wait_healthy(component: Component) -> None:
     def ready() -> bool:
         if component.pid is None:
-            raise StackError(f"{component.name} exited during start; see {component.layout.log(component.name)}")
+            raise StackError(f"{component.name} exited during start; {_log_tail(component)}")
         return component.healthy()
 
     if not process.wait_until(ready, component.start_timeout, interval=0.5):
-        raise StackError(
-            f"{component.name} not healthy after {component.start_timeout:.0f}s; "
-            f"see {component.layout.log(component.name)}"
-        )
+        raise StackError(f"{component.name} not healthy after {component.start_timeout:.0f}s; {_log_tail(component)}")
+
+
+def _log_tail(component: Component, lines: int = 40, width: int = 400) -> str:
+    """Where the part's log is, and its last lines: the log may not outlive the stack (a test's
+    temporary one), and the reason a part died is in them."""
+    path = component.layout.log(component.name)
+    try:
+        with path.open("rb") as log_file:
+            log_file.seek(0, 2)
+            log_file.seek(max(0, log_file.tell() - lines * 4 * width))
+            tail = log_file.read().decode(errors="replace").splitlines()[-lines:]
+    except OSError as exc:
+        return f"its log {path} cannot be read: {exc}"
+    shown = "\n".join(line[:width] + (" …" if len(line) > width else "") for line in tail)
+    secrets = component.layout.root / "secrets"
+    known = [f.read_text().strip() for f in secrets.iterdir()] if secrets.is_dir() else []
+    return f"the end of {path}:\n{redact_secrets(shown, *known)}"
 
 
 def _nodes_of_another_shape(layout: StackLayout, components: list[Component]) -> list[str]:
