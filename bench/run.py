@@ -49,6 +49,11 @@ from cdc_dev.stack.layout import StackLayout  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 DEBEZIUM_PREFIX = "adtech"  # topic.prefix of connectors/debezium-postgres.json
+# Our consumer with other settings beside the default one in the latency phase: (settings, what).
+LATENCY_VARIANTS = {
+    "timed_flush": ({"CDC_FLUSH_WHEN_CAUGHT_UP": "false"}, "timed flush"),
+    "sequential_inserts": ({"CDC_INSERT_CONCURRENCY": "1"}, "tables inserted one after another"),
+}
 
 
 def log(message: str) -> None:
@@ -623,8 +628,9 @@ def phase_latency(stack: Stack, args, server: PeerServer | None) -> dict:
         seed=args.seed + 2,
         clickhouse_pid=stack.clickhouse_pid,
         logs=logs,
-        # The adaptive flush against the timed one (before 2026-12-03), on the same changes.
-        variants={"timed_flush": {"CDC_FLUSH_WHEN_CAUGHT_UP": "false"}},
+        # On the same changes: the adaptive flush against the timed one (before 2026-12-03), and
+        # tables inserted side by side against one after another (before 2026-12-04).
+        variants={name: settings for name, (settings, _) in LATENCY_VARIANTS.items()},
         progress=log,
     )
     result["debezium_probe"] = probe
@@ -676,6 +682,7 @@ def headline(results: dict) -> dict:
     engine_cpu = engine.get("cpu_s_per_million")
     engine_latency = latency.get("kafka_engine", {})
     timed = latency.get("variants", {}).get("timed_flush", {})
+    sequential = latency.get("variants", {}).get("sequential_inserts", {})
     faults = results.get("faults", {})
     audit = results.get("audit", {})
     return {
@@ -728,6 +735,7 @@ def headline(results: dict) -> dict:
         "ours_timed_flush_inserts_per_s": timed.get("inserts_per_s"),
         "ours_consumer_cores_streaming": latency.get("consumer_cpu_cores"),
         "ours_timed_flush_consumer_cores_streaming": timed.get("consumer_cpu_cores"),
+        "ours_sequential_inserts_part_p99_s": sequential.get("consumer_p99_s"),
         "kafka_engine_fault_lost": faults.get("kafka_engine", {}).get("lost"),
         "kafka_engine_fault_duplicated": faults.get("kafka_engine", {}).get("duplicated"),
         "ours_fault_lost": faults.get("ours", {}).get("lost"),
@@ -817,23 +825,25 @@ def table(results: dict, head: dict) -> str:
                 f"{f(probe.get('generator_events_per_s'), 0)} events/s |"
             )
     engine_latency = latency.get("kafka_engine", {})
-    timed = latency.get("variants", {}).get("timed_flush", {})
-    if engine_latency or timed:
+    variants = latency.get("variants", {})
+    if engine_latency or variants:
         lines += [
             "",
             "| at the same offered rate | p50 / p99 end to end | its own part p99 | inserts/s | consumer cores |",
         ]
         lines.append("|---|---:|---:|---:|---:|")
         lines.append(
-            f"| ours, adaptive flush | {f(latency.get('p50_s'), 2)} / {f(latency.get('p99_s'), 2)} s | "
+            f"| ours, as shipped (adaptive flush, tables side by side) | {f(latency.get('p50_s'), 2)} / {f(latency.get('p99_s'), 2)} s | "
             f"{f(latency.get('consumer_p99_s'), 2)} s | {f(latency.get('inserts_per_s'), 1)} | "
             f"{f(latency.get('consumer_cpu_cores'), 3)} |"
         )
-        if timed:
+        for name, v in variants.items():
+            settings, described = LATENCY_VARIANTS.get(name, (v.get("settings", {}), name))
+            shown = ", ".join(f"{k}={x}" for k, x in settings.items())
             lines.append(
-                f"| ours, timed flush (CDC_FLUSH_WHEN_CAUGHT_UP=false) | {f(timed.get('p50_s'), 2)} / "
-                f"{f(timed.get('p99_s'), 2)} s | {f(timed.get('consumer_p99_s'), 2)} s | "
-                f"{f(timed.get('inserts_per_s'), 1)} | {f(timed.get('consumer_cpu_cores'), 3)} |"
+                f"| ours, {described} ({shown}) | {f(v.get('p50_s'), 2)} / "
+                f"{f(v.get('p99_s'), 2)} s | {f(v.get('consumer_p99_s'), 2)} s | "
+                f"{f(v.get('inserts_per_s'), 1)} | {f(v.get('consumer_cpu_cores'), 3)} |"
             )
         for label in ("defaults", "tuned"):
             v = engine_latency.get(label)

@@ -226,6 +226,8 @@ class Settings(BaseSettings):
     # Caught up, write a batch at once instead of waiting out its age (consumer.engine.batch).
     flush_when_caught_up: bool = True
     min_insert_interval_s: float = Field(0.2, ge=0)
+    # Tables whose inserts may run side by side when several are due (1: one after another).
+    insert_concurrency: int = Field(4, ge=1, le=64)
     poll_max_messages: int = Field(10_000, gt=0)
     metrics_port: int = Field(19108, ge=0, le=65535)
     # Loopback unless told: in a container, 0.0.0.0 for Prometheus and the probes to reach it.

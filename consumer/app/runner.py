@@ -58,6 +58,7 @@ def build_pipeline(settings: Settings, topics: list[str] | None = None, bounds: 
                 settings.min_insert_interval_s,
             ),
             poll_messages=settings.poll_max_messages,
+            insert_concurrency=settings.insert_concurrency,
             server_decode=settings.server_decode,
             latest_rows_kept=settings.latest_rows_kept,
             latest_rows_max_bytes=settings.latest_rows_max_bytes,

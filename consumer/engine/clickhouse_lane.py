@@ -16,6 +16,7 @@ one block, so all of it or nothing.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 
@@ -53,6 +54,9 @@ class ClickHouseLane:
         self.decoder = decoder
         self.token_suffix = token_suffix
         self._in_doubt: list[InDoubt] = []
+        # Inserts of different tables run side by side (consumer.engine.pipeline): their groups
+        # never share a partition, but they share this list.
+        self._doubts = threading.RLock()
 
     def offer(self, state: PartitionState, offset: int, key: bytes | None, value: bytes | None, size: int) -> bool:
         batch = state.batch
@@ -117,7 +121,8 @@ class ClickHouseLane:
         if doubt is not None:
             return [p for p, _, _ in doubt]
         batch = self.assignment.partitions[partition].batch
-        taken = {p for doubt in self._in_doubt for p, _, _ in doubt}
+        with self._doubts:
+            taken = {p for doubt in self._in_doubt for p, _, _ in doubt}
         return self.assignment.group(
             partition,
             # A plan is one shard's (its server compiled it), so a group stays on one shard.
@@ -128,13 +133,16 @@ class ClickHouseLane:
     def _doubt(self, group: list[Partition]) -> None:
         self._forget_doubt(group)
         partitions = self.assignment.partitions
-        self._in_doubt.append([(p, partitions[p].batch, len(partitions[p].batch.raw_values)) for p in group])
+        with self._doubts:
+            self._in_doubt.append([(p, partitions[p].batch, len(partitions[p].batch.raw_values)) for p in group])
 
     def _doubt_of(self, partition: Partition) -> InDoubt | None:
-        return next((doubt for doubt in self._in_doubt if any(p == partition for p, _, _ in doubt)), None)
+        with self._doubts:
+            return next((doubt for doubt in self._in_doubt if any(p == partition for p, _, _ in doubt)), None)
 
     def _forget_doubt(self, group: list[Partition]) -> None:
-        self._in_doubt = [doubt for doubt in self._in_doubt if not any(p in group for p, _, _ in doubt)]
+        with self._doubts:
+            self._in_doubt = [doubt for doubt in self._in_doubt if not any(p in group for p, _, _ in doubt)]
 
     def _settle(self, partition: Partition) -> None:
         """An insert in doubt that can no longer be sent as it was: leave in the batches only what
@@ -148,7 +156,8 @@ class ClickHouseLane:
             return
         batch = partitions[partition].batch
         applied = self.shards.sink(batch.partition).applied_offsets(batch.table.table, batch.topic) if members else {}
-        self._in_doubt.remove(doubt)
+        with self._doubts:
+            self._in_doubt.remove(doubt)
         for p, member in members:
             watermark = applied.get(p[1], -1)
             state = partitions[p]

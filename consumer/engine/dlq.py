@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -63,6 +64,8 @@ class DeadLetterQueue:
             )
         )
         self._pending: list[_Record] = []
+        # Tables' inserts run side by side (consumer.engine.pipeline), and each may dead-letter.
+        self._lock = threading.RLock()
 
     def _ensure_topic(self, kafka: KafkaClientConfig, partitions: int) -> None:
         admin = AdminClient(kafka.client())
@@ -103,8 +106,9 @@ class DeadLetterQueue:
         key, value = fit_record(key, value, headers)
         log.warning("dead-lettering %s[%d]@%d: %s: %s", source_topic, partition, offset, error_class, reason[:500])
         record = _Record(key, value, headers)
-        self._pending.append(record)
-        self._produce(record)
+        with self._lock:
+            self._pending.append(record)
+            self._produce(record)
 
     def _produce(self, record: _Record) -> None:
         def delivered(error, _message) -> None:
@@ -125,6 +129,10 @@ class DeadLetterQueue:
     def flush(self, timeout: float = 30.0) -> None:
         """Returns once every record sent so far is stored in the topic; DeadLetterUnavailable
         otherwise (the undelivered ones are kept, and sent again)."""
+        with self._lock:
+            self._flush(timeout)
+
+    def _flush(self, timeout: float) -> None:
         if not self._pending:
             return
         self.producer.flush(timeout)

@@ -13,6 +13,7 @@ Its `flush` writes a group of partitions' batches in one insert, with one of thr
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -66,6 +67,8 @@ class Assignment:
         self.partitions = partitions
         self.policy = policy
         self.report = report
+        # The report's counts, kept by inserts that run side by side (consumer.engine.pipeline).
+        self.counting = threading.Lock()
 
     def group(self, partition: Partition, joins: Callable[[PartitionBatch], bool], rows: int) -> list[Partition]:
         """This partition and the others whose batches `joins` accepts (not paused, oldest first)
@@ -93,8 +96,9 @@ class Assignment:
         metrics.rows_inserted.labels(table).inc(rows)
         metrics.batch_rows.labels(table).observe(rows)
         metrics.last_insert_timestamp.set(finished)
-        self.report.rows_inserted[table] += rows
-        self.report.inserts += 1
+        with self.counting:
+            self.report.rows_inserted[table] += rows
+            self.report.inserts += 1
         latency = metrics.end_to_end_seconds.labels(table)
         for commit_ms in commit_ts_ms:
             latency.observe(max(0.0, finished - commit_ms / 1000))

@@ -18,6 +18,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from confluent_kafka import Message
@@ -66,6 +67,8 @@ class PipelineConfig:
     poison_breaker_min_messages: int = 100
     poison_breaker_window_s: float = 60.0
     max_evolved_columns: int = 100  # per table, over its life (consumer.settings)
+    # Tables written side by side when several are due at once (1: one after another).
+    insert_concurrency: int = 4
 
 
 class Pipeline:
@@ -93,6 +96,13 @@ class Pipeline:
         self.last_step = time.monotonic()  # for the liveness probe
         self._mid_poll = False  # while messages are being handed to their batches
         self._last_insert: dict[str, float] = {}  # table → when its last insert returned
+        # Each table's insert waits on ClickHouse, not on the other tables': written side by side,
+        # a burst of changes to every table costs the slowest insert, not their sum.
+        self._writers = (
+            ThreadPoolExecutor(self.config.insert_concurrency, thread_name_prefix="insert")
+            if self.config.insert_concurrency > 1
+            else None
+        )
         self.source = source_factory(self._assigned, self._revoked, self._lost)
         self.commits = CommitPolicy(self.source, self.bounds)
         assignment = Assignment(self.partitions, self.config.batch, self.report)
@@ -251,6 +261,8 @@ class Pipeline:
                     on_step()
             self.flush_all()
         finally:
+            if self._writers is not None:
+                self._writers.shutdown()
             self.source.close()
             self.dlq.close()
         return self.report
@@ -308,15 +320,16 @@ class Pipeline:
             if state.due(now):
                 self.source.resume([partition])
         metrics.paused_partitions.set(len(self.paused))
-        for partition in list(self.partitions):
-            state = self.partitions[partition]
+        due = []
+        for partition, state in list(self.partitions.items()):
             if state.paused:
                 continue
             batch = state.batch
             if batch.ready(self.config.batch, now) or (caught_up and batch.messages and self._may_insert(batch, now)):
-                self._flush(partition)
+                due.append(partition)
             elif batch.messages == 0:
                 self.commits.idle(state)
+        self._flush_due(due)
 
     def _may_insert(self, batch: PartitionBatch, now: float) -> bool:
         return self.config.batch.flush_when_caught_up and now >= self._next_insert_at(batch.table.table)
@@ -461,26 +474,52 @@ class Pipeline:
             )
 
     # -- flushing ---------------------------------------------------------------------------
+    def _flush_due(self, due: list[Partition]) -> None:
+        """Writes the due batches. One partition per table leads (its lane puts the table's other
+        batches in its insert), and the leaders' inserts run side by side; each outcome is then
+        concluded here, one by one, in this thread: commits, back-off and what a refusal asks for.
+        What is still due after that (a paused shard's, a batch a group left out) goes one by one."""
+        leaders: dict[str, Partition] = {}
+        for partition in due:
+            leaders.setdefault(self.partitions[partition].batch.table.table, partition)
+        if self._writers is not None and len(leaders) > 1 and self._dead_letters_stored(due):
+            leading = list(leaders.values())
+            for partition, outcome in zip(leading, self._writers.map(self._write, leading), strict=True):
+                self._conclude(self.partitions[partition], outcome)
+        for partition in due:
+            state = self.partitions.get(partition)
+            if state is not None and not state.paused:
+                self._flush(partition)
+
     def _flush(self, partition: Partition, alone: bool = False) -> bool:
         """Writes the partition's batch (with others of its table, as its lane groups them) and
         commits. False: it failed, and every partition backs off."""
         state = self.partitions[partition]
         if state.batch.messages == 0:
             return True
-        try:
-            self.dlq.flush()  # nothing past a dead-lettered message is written before the DLQ holds it
-        except DeadLetterUnavailable as exc:
-            self._insert_failed([partition], state.batch.table.table, exc, every_shard=True)
+        if not self._dead_letters_stored([partition]):
             return False
+        return self._conclude(state, self._write(partition, alone))
+
+    def _dead_letters_stored(self, partitions: list[Partition]) -> bool:
+        """Nothing past a dead-lettered message is written before the dead-letter topic holds it."""
+        try:
+            self.dlq.flush()
+        except DeadLetterUnavailable as exc:
+            self._insert_failed(partitions, self.partitions[partitions[0]].batch.table.table, exc, every_shard=True)
+            return False
+        return True
+
+    def _write(self, partition: Partition, alone: bool = False) -> FlushOutcome:
+        """The insert of the partition's batch, by its lane; safe beside another table's."""
+        state = self.partitions[partition]
         if not self.shards.answers(state.shard):
             label = self.shards.label(state.shard)
-            outcome = Failed([partition], state.batch.table.table, ConnectionError(f"shard {label} does not answer"))
-        elif state.batch.raw_values:
+            return Failed([partition], state.batch.table.table, ConnectionError(f"shard {label} does not answer"))
+        if state.batch.raw_values:
             assert self.clickhouse is not None
-            outcome = self.clickhouse.flush(partition, alone)
-        else:
-            outcome = self.python.flush(partition)
-        return self._conclude(state, outcome)
+            return self.clickhouse.flush(partition, alone)
+        return self.python.flush(partition)
 
     def _conclude(self, state: PartitionState, outcome: FlushOutcome) -> bool:
         match outcome:
@@ -531,7 +570,7 @@ class Pipeline:
 
     def _applied(self, partitions: list[Partition]) -> None:
         """The partitions' batches are in ClickHouse: commit them and start the next ones."""
-        if KILL_AFTER_INSERTS and self.report.inserts == KILL_AFTER_INSERTS:
+        if KILL_AFTER_INSERTS and self.report.inserts >= KILL_AFTER_INSERTS:
             os.kill(os.getpid(), signal.SIGKILL)
         states = [self.partitions[p] for p in partitions]
         self.commits.after_insert(states, mid_poll=self._mid_poll)

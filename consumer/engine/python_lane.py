@@ -91,7 +91,8 @@ class PythonLane:
         self, partition: Partition, offset: int, key: bytes | None, value: bytes | None, error_class: str, reason: str
     ) -> None:
         metrics.dead_lettered.labels(error_class).inc()
-        self.assignment.report.dead_lettered += 1
+        with self.assignment.counting:
+            self.assignment.report.dead_lettered += 1
         self.dlq.send(
             source_topic=partition[0],
             partition=partition[1],
