@@ -16,8 +16,8 @@ CPU is the audit process's (its own rusage) plus ClickHouse's (from /proc, less 
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -103,7 +103,7 @@ def run_audit_cost(*, env: dict, clickhouse, clickhouse_pid: int | None, progres
         "first_audit_peak_rss_mb": round(first_peak / 2**20, 1),
         "gap_audit_unaccounted": gaps["unaccounted"],
         "gap_audit_peak_rss_mb": round(gap_peak / 2**20, 1),
-        "gap_to_clean_peak_rss": round(gap_peak / first_peak, 2),
+        "gap_to_clean_peak_rss": round(gap_peak / first_peak, 2) if first_peak else None,
         "first_to_scan": round(first_pm / scan_pm, 2) if first_pm and scan_pm else None,
         "repeat_to_scan": round(repeat_pm / scan_pm, 2) if repeat_pm and scan_pm else None,
     }
@@ -130,16 +130,21 @@ def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 def _audit_with_peak_rss(env: dict, *args: str) -> tuple[dict, int]:
-    """`audit --json` as an operator runs it: (its report, its peak resident memory in bytes)."""
+    """`audit --json` as an operator runs it: (its report, its peak resident memory in bytes).
+    The peak is the process's VmHWM, sampled until it exits: its rusage would start from the
+    forking bench's resident set, which is larger than the audit's."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         child = subprocess.Popen(
             [sys.executable, "-m", "consumer.cli", "audit", "--json", *args], env=env, cwd=REPO, stdout=out, stderr=err
         )
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
+        peak = 0
+        while child.poll() is None:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # it exited meanwhile
+                peak = max(peak, procstat.peak_rss_bytes(child.pid))
+            time.sleep(0.05)
         out.seek(0)
         err.seek(0)
         report = out.read()
         if not report.lstrip().startswith("{"):
             raise RuntimeError(f"audit failed ({child.returncode}):\n{err.read()[-3000:]}")
-    return json.loads(report), usage.ru_maxrss * 1024  # KiB on Linux
+    return json.loads(report), peak

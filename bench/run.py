@@ -223,6 +223,7 @@ def phase_produce(stack: Stack, args, prefix: str) -> tuple[ev.Produced, dict]:
     report = ev.CompatReport()
     real, real_partitioned = real_messages(stack)
     real = ev.check_against_real(real, ev.registry_schema(stack.registry), report, "stack Debezium")
+    debezium = ev.debezium_placed(real_partitioned, report, "stack Debezium")
     for reason, count in report.skipped.items():
         log(f"  skipped {count} poison messages of the stack's topics ({reason})")
     captured, captured_schemas = captured_fixture_messages()
@@ -241,7 +242,7 @@ def phase_produce(stack: Stack, args, prefix: str) -> tuple[ev.Produced, dict]:
     produced = ev.produce(stack.kafka, schemas, prefix, args.events, args.seed, source, progress=log)
     ev.check_against_fastavro(schemas, produced.samples, report)
     # Partitioning: as the Java producer (murmur2 of the key bytes), for Debezium's messages and ours.
-    for label, sample in (("stack Debezium", real_partitioned), ("produced", _first_messages(stack, produced))):
+    for label, sample in (("stack Debezium", debezium), ("produced", _first_messages(stack, produced))):
         wrong = [(t, p) for t, p, key in sample if key is not None and ev.murmur2_partition(key, ev.PARTITIONS) != p]
         if wrong:
             report.problems.append(f"{label}: {len(wrong)} messages not in murmur2(key) % {ev.PARTITIONS}")

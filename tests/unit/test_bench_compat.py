@@ -7,7 +7,7 @@ import json
 
 import requests
 
-from bench.events import CompatReport, check_against_real
+from bench.events import CompatReport, check_against_real, debezium_placed, murmur2_partition
 from tests.unit.test_decode import CAPTURED, CAPTURED_SCHEMAS
 
 
@@ -41,3 +41,17 @@ def test_poison_messages_are_skipped_and_counted_and_real_ones_still_compared():
     assert compared == real
     assert report.ok
     assert len(report.checked) == len(real)
+
+
+def test_the_partitioner_check_leaves_out_records_another_producer_placed():
+    """tests/faults/test_hostile_stack.py produces keys like b"hostile-3" with librdkafka's own
+    partitioner: counted and left out, while Connect's keys (the wire format) are all checked."""
+    key = CAPTURED["impressions_create"][:5] + b"\x02"  # a wire-format header, any body
+    connect = [("adtech.public.advertiser", murmur2_partition(key, 4), key), ("adtech.public.advertiser", 1, None)]
+    hostile = [("adtech.public.advertiser", 3, b"hostile-3"), ("adtech.public.impressions", 0, b"\x07")]
+    report = CompatReport()
+
+    placed = debezium_placed(hostile[:1] + connect + hostile[1:], report, "stack Debezium")
+
+    assert placed == connect
+    assert report.skipped == {"stack Debezium: a key not in the wire format, left out of the partitioner check": 2}
