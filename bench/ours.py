@@ -70,20 +70,26 @@ def start_consumer(env: dict[str, str], log: Path) -> ConsumerProcess:
 
 def wait_started(consumer: ConsumerProcess, timeout: float = 120, nothing_left=lambda: False) -> float:
     """Seconds until the consumer has consumed its first message (imports, migrations, group join),
-    or `nothing_left()` says there is no message for it to consume."""
+    or, once past its start-up and its assignment (partitions assigned, their watermarks read),
+    `nothing_left()` says there is no message for it to consume."""
     began = time.monotonic()
     while time.monotonic() - began < timeout:
         if consumer.proc.poll() is not None:
             raise RuntimeError(f"consumer exited with {consumer.proc.returncode}:\n{consumer.tail()}")
-        if nothing_left():
+        if _started(consumer, nothing_left):
             return time.monotonic() - began
-        try:
-            if metric_sum(scrape(consumer.metrics_port), "cdc_messages_consumed_total") > 0:
-                return time.monotonic() - began
-        except OSError:
-            pass
         time.sleep(0.05)
     raise RuntimeError(f"consumer consumed nothing within {timeout}s:\n{consumer.tail()}")
+
+
+def _started(consumer: ConsumerProcess, nothing_left) -> bool:
+    try:
+        metrics = scrape(consumer.metrics_port)
+    except OSError:  # not serving yet: still starting
+        return False
+    if metric_sum(metrics, "cdc_messages_consumed_total") > 0:
+        return True
+    return metric_sum(metrics, "cdc_assigned_partitions") > 0 and nothing_left()
 
 
 def wait_caught_up(
