@@ -14,7 +14,7 @@ import pytest
 
 from cdc_dev.generate import generate
 from cdc_dev.stack import manager, process
-from cdc_dev.stack.components import Kafka, KafkaConnect
+from cdc_dev.stack.components import Kafka, KafkaConnect, Postgres
 from cdc_dev.stack.layout import StackLayout, StackPorts
 from tests.debezium_helpers import (
     SOURCE_TABLES,
@@ -182,3 +182,13 @@ def test_a_part_that_exits_while_starting_is_reported_with_the_end_of_its_log(
     message = str(failure.value)
     assert message.startswith("kafka exited during start; the end of ")
     assert "node id" in message.lower(), message
+
+
+def test_a_failed_psql_says_what_postgres_said_with_literals_masked(native_stack: StackLayout) -> None:
+    postgres = Postgres(native_stack)
+    with pytest.raises(RuntimeError) as failure:
+        # A syntax error: psql echoes the statement's line, password and all.
+        postgres.psql("ALTER ROLE cdc PASSWORD 'planted-secret-7' VALID UNTILL 'never'")
+    message = str(failure.value)
+    assert 'syntax error at or near "UNTILL"' in message and "LINE 1:" in message, message
+    assert "planted-secret-7" not in message

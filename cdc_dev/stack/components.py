@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -336,7 +337,9 @@ class Postgres(Component):
         )
 
     def psql(self, sql: str, database: str = "postgres", user: str = "postgres") -> str:
-        return subprocess.run(
+        """The statements' output; a failure says what psql said (string literals masked: they may
+        hold a password), not only its exit code."""
+        done = subprocess.run(
             [
                 str(PG_BIN / "psql"),
                 "-X",
@@ -355,11 +358,15 @@ class Postgres(Component):
                 "-c",
                 sql,
             ],
-            check=True,
+            check=False,
             capture_output=True,
             text=True,
             env={**os.environ, "PGPASSFILE": str(self.pgpass)},
-        ).stdout
+        )
+        if done.returncode != 0:
+            said = re.sub(r"'(?:[^']|'')*'", "'***'", done.stderr.strip())[-2000:]
+            raise RuntimeError(f"psql as {user} on {database} exited with {done.returncode}: {said}")
+        return done.stdout
 
     def provision(self) -> None:
         """The `cdc` role (owner of the source tables, allowed to replicate) and the schema."""
