@@ -229,7 +229,7 @@ def check_against_real(
         for kind, data in (("value", value), ("key", key)):
             if data is None:
                 continue
-            if len(data) < 5 or data[0] != 0:
+            if not _wire_format(data):
                 report.skip(f"{label}: not the wire format")
                 break
             try:
@@ -258,11 +258,16 @@ def check_against_real(
     return compared
 
 
+def _wire_format(data: bytes) -> bool:
+    """The Confluent wire format's header: magic byte 0, then a 4-byte schema id."""
+    return len(data) >= 5 and data[0] == 0
+
+
 def debezium_placed(partitioned: list[tuple[str, int, bytes | None]], report: CompatReport, label: str):
     """The (topic, partition, key) of records Kafka Connect placed: keys in the wire format (or
     none). Another producer's records (poison a test wrote) were placed by its own partitioner;
     they are counted in `report.skipped` and left out of the partitioner check."""
-    placed = [(t, p, key) for t, p, key in partitioned if key is None or (len(key) >= 5 and key[0] == 0)]
+    placed = [(t, p, key) for t, p, key in partitioned if key is None or _wire_format(key)]
     for _ in range(len(partitioned) - len(placed)):
         report.skip(f"{label}: a key not in the wire format, left out of the partitioner check")
     return placed

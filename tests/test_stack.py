@@ -16,6 +16,7 @@ from cdc_dev.generate import generate
 from cdc_dev.stack import manager, process
 from cdc_dev.stack.components import Kafka, KafkaConnect, Postgres
 from cdc_dev.stack.layout import StackLayout, StackPorts
+from cdc_dev.stack.security import secret
 from tests.debezium_helpers import (
     SOURCE_TABLES,
     AvroReader,
@@ -173,6 +174,10 @@ def test_a_part_that_exits_while_starting_is_reported_with_the_end_of_its_log(
         meta = layout.data(broker.name) / "logs" / "meta.properties"
         meta.parent.mkdir(parents=True)
         meta.write_text("version=1\ncluster.id=AAAAAAAAAAAAAAAAAAAAAA\nnode.id=7\n")
+        # A stack secret in the log's last lines is not repeated in the error.
+        planted = secret(layout, "kafka-admin")
+        layout.log(broker.name).parent.mkdir(parents=True, exist_ok=True)
+        layout.log(broker.name).write_text(f"sasl.jaas.config password={planted}\n")
         try:
             broker.start()
             with pytest.raises(manager.StackError) as failure:
@@ -182,6 +187,7 @@ def test_a_part_that_exits_while_starting_is_reported_with_the_end_of_its_log(
     message = str(failure.value)
     assert message.startswith("kafka exited during start; the end of ")
     assert "node id" in message.lower(), message
+    assert "password=" in message and planted not in message
 
 
 def test_a_failed_psql_says_what_postgres_said_with_literals_masked(native_stack: StackLayout) -> None:

@@ -16,6 +16,7 @@ from cdc_dev.stack import process
 from cdc_dev.stack.components import Component, Kafka, KafkaConnect, Postgres, all_components
 from cdc_dev.stack.install import ensure_installed
 from cdc_dev.stack.layout import REPO_ROOT, StackLayout
+from cdc_dev.stack.security import known_secrets
 from consumer.core.secrets import redact_secrets
 
 log = logging.getLogger(__name__)
@@ -134,9 +135,7 @@ def _log_tail(component: Component, lines: int = 40, width: int = 400) -> str:
     except OSError as exc:
         return f"its log {path} cannot be read: {exc}"
     shown = "\n".join(line[:width] + (" …" if len(line) > width else "") for line in tail)
-    secrets = component.layout.root / "secrets"
-    known = [f.read_text().strip() for f in secrets.iterdir()] if secrets.is_dir() else []
-    return f"the end of {path}:\n{redact_secrets(shown, *known)}"
+    return f"the end of {path}:\n{redact_secrets(shown, *known_secrets(component.layout))}"
 
 
 def _nodes_of_another_shape(layout: StackLayout, components: list[Component]) -> list[str]:

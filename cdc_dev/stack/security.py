@@ -47,12 +47,24 @@ def write_private(path: Path, content: str | bytes) -> Path:
     return path
 
 
+def _secrets_dir(layout: StackLayout) -> Path:
+    return layout.root / "secrets"
+
+
 def secret(layout: StackLayout, name: str) -> str:
-    path = _private_dir(layout.root / "secrets") / name
+    path = _private_dir(_secrets_dir(layout)) / name
     if not path.exists():
         # URL-safe: the value goes into DSNs, JAAS strings and XML without escaping.
         write_private(path, random_source.token_urlsafe(24).encode())
     return path.read_text().strip()
+
+
+def known_secrets(layout: StackLayout) -> list[str]:
+    """Every secret the stack has made so far (none before its first start), for redaction."""
+    folder = _secrets_dir(layout)
+    if not folder.is_dir():
+        return []
+    return [f.read_text(errors="replace").strip() for f in folder.iterdir() if f.is_file()]
 
 
 @dataclass(frozen=True)
