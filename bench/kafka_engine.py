@@ -32,7 +32,7 @@ import clickhouse_connect
 
 from bench import procstat
 from bench.kafka_util import GroupProgress, Partition, end_offsets, last_message_ends
-from bench.latency import POLL_S, TABLES, Commits, follow_commits, latencies, poll_watermarks, quantile, run_generator
+from bench.latency import POLL_S, TABLES, CommitReader, latencies, poll_watermarks, quantile, run_generator
 from bench.native import native_ddl
 from bench.ours import free_port
 from cdc_dev.stack.clickhouse_server import wait_healthy
@@ -447,18 +447,16 @@ def run_engine_latency(
     progress_of = {
         label: GroupProgress(bootstrap, groups[label], list(end_offsets(bootstrap, topics))) for label in variants
     }
+    reader = None
     try:
         ends = last_message_ends(bootstrap, end_offsets(bootstrap, topics))
         for label in variants:
             wait_lag_zero(progress_of[label], ends, 1800, server)
         progress(f"  Kafka engine ({', '.join(variants)}) caught up; offering {rate:,.0f} events/s for {seconds:.0f}s")
         stop = threading.Event()
-        commits = Commits()
+        reader = CommitReader(bootstrap, topics, registry).start()
         polls: dict[str, list] = {label: [] for label in variants}
         threads = [
-            threading.Thread(target=follow_commits, args=(bootstrap, topics, registry, stop, commits), daemon=True)
-        ]
-        threads += [
             threading.Thread(
                 target=poll_watermarks, args=(f"{server.url}/{databases[label]}", stop, polls[label]), daemon=True
             )
@@ -466,7 +464,7 @@ def run_engine_latency(
         ]
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        time.sleep(0.5)
         cpu0 = procstat.cpu_seconds(server.pid)
         started = time.monotonic()
         run_generator(dsn, rate, seconds, seed, logs / f"benchke-latency-{run}-generator.log").wait()
@@ -479,7 +477,10 @@ def run_engine_latency(
         stop.set()
         for t in threads:
             t.join(10)
+        commits = reader.stop()
     finally:
+        if reader is not None:
+            reader.close()
         for group in progress_of.values():
             group.close()
     out: dict = {"offered_rate": rate, "seconds": seconds, "clickhouse_cpu_cores_all_variants": round(cpu / wall, 3)}
@@ -489,7 +490,8 @@ def run_engine_latency(
         out[label] = {
             "database": databases[label],
             "settings": settings,
-            "changes_measured": len(parts["total"]),
+            "changes_measured": len(parts["consumer"]),
+            "changes_with_commit_time": len(parts["total"]),
             "changes_not_seen": unseen,
             "p50_s": _r(quantile(parts["total"], 0.5)),
             "p99_s": _r(quantile(parts["total"], 0.99)),
