@@ -35,14 +35,17 @@ class KafkaClientConfig:
     def bootstrap(self) -> str:
         return self._properties["bootstrap.servers"]
 
-    def client(self, own: Mapping[str, object] | None = None) -> dict[str, object]:
-        """The configuration of one client: the shared properties and the client's `own`."""
+    def client(
+        self, own: Mapping[str, object] | None = None, defaults: Mapping[str, object] | None = None
+    ) -> dict[str, object]:
+        """The configuration of one client: the shared properties and the client's `own`, over
+        its `defaults` (which the shared properties may change)."""
         own = own or {}
         for key in own.keys() & self._properties.keys():
             if own[key] != self._properties[key] and key not in self._warned:
                 self._warned.add(key)
                 log.warning("Kafka property %s is set by the consumer itself for this client; yours is ignored", key)
-        return {**self._properties, **own}
+        return {**(defaults or {}), **self._properties, **own}
 
     def __repr__(self) -> str:
         names = ", ".join(sorted(k for k in self._properties if k != "bootstrap.servers"))

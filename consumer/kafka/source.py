@@ -64,6 +64,7 @@ class KafkaSource:
         on_lost: Callable[[list[Partition]], None],
     ):
         self.config = config
+        self._behind = True
         self._on_assign = on_assign
         self._on_revoke = on_revoke
         self._on_lost = on_lost
@@ -83,7 +84,14 @@ class KafkaSource:
                     "enable.partition.eof": False,
                     "topic.metadata.refresh.interval.ms": config.metadata_refresh_ms,
                     **({"group.instance.id": config.group_instance_id} if config.group_instance_id else {}),
-                }
+                },
+                defaults={
+                    # With its local queue full (queued.min.messages), librdkafka waits this long
+                    # before fetching again, 1 s by default: behind, the loop drains the queue in
+                    # a fraction of that and then polls nothing (a fresh group read 150-180k
+                    # messages/s with the default, 400k/s with 20 ms).
+                    "fetch.queue.backoff.ms": 20,
+                },
             )
         )
 
@@ -96,7 +104,18 @@ class KafkaSource:
         )
 
     def poll(self, max_messages: int, timeout: float) -> list[Message]:
-        messages = self.consumer.consume(max_messages, timeout=timeout)
+        """Up to `max_messages`. librdkafka's batch consume waits out its whole timeout unless
+        the batch fills: behind (the last poll filled), that wait fills the next batch; caught
+        up, it would be added to every change's latency, so the wait is for the first message
+        only, and the rest is what is already queued."""
+        if self._behind:
+            messages = self.consumer.consume(max_messages, timeout=timeout)
+        else:
+            first = self.consumer.poll(timeout)
+            messages = [] if first is None else [first]
+            if messages and max_messages > 1:
+                messages += self.consumer.consume(max_messages - 1, timeout=0)
+        self._behind = len(messages) >= max_messages
         good = []
         for message in messages:
             error = message.error()

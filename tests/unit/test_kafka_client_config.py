@@ -163,6 +163,14 @@ def test_a_client_keeps_the_properties_its_logic_needs(monkeypatch) -> None:
     assert own == {"bootstrap.servers": "broker:9093", "enable.auto.commit": False, "client.rack": "a", "group.id": "g"}
 
 
+def test_a_client_default_gives_way_to_the_operators_property(monkeypatch) -> None:
+    default = {"fetch.queue.backoff.ms": 20}
+    plain = kafka_client_config(load_settings()).client({"group.id": "g"}, defaults=default)
+    assert plain["fetch.queue.backoff.ms"] == 20
+    tuned = kafka_client_config(load_settings(kafka={"fetch.queue.backoff.ms": "500"}))
+    assert tuned.client({"group.id": "g"}, defaults=default)["fetch.queue.backoff.ms"] == "500"
+
+
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
