@@ -132,7 +132,7 @@ def rss_bytes(pid: int) -> int:
             for line in Path(f"/proc/{member}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # it exited after it was listed
             continue
     return total
 
@@ -143,6 +143,6 @@ def _descendants(pid: int) -> list[int]:
         for task in Path(f"/proc/{pid}/task").iterdir():
             raw = (task / "children").read_text().split()
             children.extend(int(c) for c in raw)
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return []
     return children + [g for c in children for g in _descendants(c)]
