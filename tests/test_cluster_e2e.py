@@ -41,6 +41,7 @@ from tests.faults.helpers import (
     scrape,
     settle_and_check,
 )
+from tests.stack_helpers import down_leaving_nothing
 
 # `slow` only, like tests/test_stack_scale.py: it brings up a stack of its own and needs no running one
 # (the `stack` marker would start the session's single-node stack beside it for nothing).
@@ -81,10 +82,10 @@ def cluster_stack() -> Iterator[StackEndpoints]:
         manager.up(layout)
         yield StackEndpoints.native(layout)
     finally:
-        pids = {s.pid for s in manager.status(layout) if s.pid}
-        manager.down(layout)
-        assert not [pid for pid in pids if process.is_alive(pid)], "a part outlived `stack down`"
-        shutil.rmtree(state, ignore_errors=True)
+        try:
+            down_leaving_nothing(layout)
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
 
 
 class Supervisor:

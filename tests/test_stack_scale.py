@@ -16,6 +16,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from cdc_dev.stack import manager, process
 from cdc_dev.stack.layout import StackLayout
+from tests.stack_helpers import down_leaving_nothing
 
 pytestmark = pytest.mark.slow
 
@@ -53,15 +54,11 @@ def scaled_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[St
     monkeypatch.setenv("CDC_STACK_CLICKHOUSE_SHARDS", "2")
     monkeypatch.setenv("CDC_STACK_KAFKA_BROKERS", "3")
     layout = StackLayout.from_env()
-    pids: set[int] = set()
     try:
         manager.up(layout, connector=None)
         yield layout
     finally:
-        pids = {s.pid for s in manager.status(layout) if s.pid}
-        manager.down(layout)
-        assert not [pid for pid in pids if process.is_alive(pid)], "a part outlived `stack down`"
-        assert [port for port in layout.all_ports if process.port_open(port)] == []
+        down_leaving_nothing(layout)
 
 
 def _pids(layout: StackLayout) -> dict[str, int | None]:
