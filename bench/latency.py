@@ -4,8 +4,9 @@ The real generator writes into the stack's Postgres, the stack's Debezium captur
 own topics (`adtech.public.*`), and our consumer (a fresh group and database, caught up first)
 applies it. Two measurements:
 
-* independent of the consumer: a reader follows the same topics and notes each change's
-  Postgres commit time (`source.ts_ms`) by (partition, offset); a poller asks ClickHouse every
+* independent of the consumer: a reader (its own process) follows the same topics and notes by
+  (partition, offset) when each change became readable and, for a sample, its Postgres commit
+  time (`source.ts_ms`, SAMPLE_EVERY); a poller asks ClickHouse every
   POLL_S for the applied watermark (max `_offset` per partition of every table). A change's
   latency is the time of the first poll that saw it, minus its commit time: an upper bound, at
   most POLL_S above the truth;

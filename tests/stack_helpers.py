@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from cdc_dev.stack import manager, process
+from cdc_dev.stack.components import all_components
 from cdc_dev.stack.layout import StackLayout
 
 
 def down_leaving_nothing(layout: StackLayout) -> None:
     """`stack down`, then assert that no part outlived it and no port is still open. The parts'
-    PIDs are read first, and `down` runs even if reading them fails: a teardown error must not
-    leave a whole stack running on the machine."""
+    PIDs come from their pid files alone (no health check, no memory sum), and `down` runs even
+    if reading them fails: a teardown error must not leave a whole stack running."""
     pids: set[int] = set()
     try:
-        pids = {s.pid for s in manager.status(layout) if s.pid}
+        pids = {c.pid for c in all_components(layout) if c.pid}
     finally:
         manager.down(layout)
     assert not [pid for pid in pids if process.is_alive(pid)], "a part outlived `stack down`"
